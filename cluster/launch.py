@@ -1,0 +1,60 @@
+"""Entry point: `python -m cluster.launch --config configs/<x>.yaml [--output-dir DIR] [key=value ...]`.
+
+Runs the same way on a laptop (starts a local Ray) and under
+`ray job submit --working-dir . -- python -m cluster.launch --config ...`
+(joins the job's cluster).  Exit code 0 on success, 2 for a bad config,
+1 for a failure during the run, always with a one-paragraph reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--output-dir", help="overrides run.output_dir")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. run.steps=3 learner.lr=1e-5")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    from cluster.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"flywheel: bad config: {exc}", file=sys.stderr)
+        return 2
+
+    from cluster.driver import run
+
+    try:
+        summary = run(cfg)
+    except ConfigError as exc:
+        print(f"flywheel: bad config: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flywheel: interrupted; every started process was stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the run failed: say why in one paragraph, keep the trace in the log
+        logging.getLogger("flywheel").debug("".join(traceback.format_exc()))
+        print(f"flywheel: run failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    before = summary.get("before", {}).get("eval_gold_reward")
+    after = summary.get("after", {}).get("eval_gold_reward")
+    print(f"flywheel: done in {summary['total_s']:.0f} s; outputs in {cfg.run.output_dir}")
+    if before is not None and after is not None:
+        print(f"flywheel: held-out gold reward {before:.4f} -> {after:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Sending side of the learner -> rollout-actor weight sync (learner rank 0 only).
+
+Topology: learner rank 0 and every rollout actor form one weight-transfer
+process group, separate from the learner's own DeepSpeed group.  Rank 0 is the
+learner; rollout actor i is rank 1 + i.  The backend is "gloo" on CPU and
+"nccl" on GPU; the code is the same, only buffers live on "cuda" instead of
+"cpu" for NCCL.  The group is "stateless" (built from its own TCPStore, never
+touching torch.distributed's global state), the same construction as
+`vllm.distributed.utils.stateless_init_torch_distributed_process_group`, which
+the actors call; this module rebuilds it in plain torch because the learner
+must not import vllm.  Rank 0 hosts the store at (master_addr, master_port),
+and every rank must call its init at the same time.
+
+One update, in order (the receiving half is `actors/weight_receiver.py`):
+  0. the driver hands the same `WeightSyncMeta` to the sender and every actor
+     (over Ray); the byte layout follows from it (`cluster/weight_buckets.py`);
+  1. verdict: all_reduce(MAX) of one int64 — each actor contributes 1 if it
+     rejects the meta (unknown name, wrong shape or dtype), so nobody starts
+     a transfer that someone will not finish;
+  2. per bucket: broadcast a header [DATA, nbytes], then the flat uint8 bucket;
+  3. a final header [DONE, 0] (or [ABORT, 0] if the learner failed while
+     producing tensors, so the actors stop waiting instead of timing out);
+  4. ack: all_reduce(MAX) of one int64 — each actor contributes 1 if loading
+     failed, so the learner learns of it.
+Every collective times out after `timeout_s` (set on the group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+from torch.distributed import PrefixStore, ProcessGroup
+from torch.distributed.rendezvous import rendezvous
+
+from cluster.records import WeightSpec, WeightSyncMeta
+from cluster.weight_buckets import Bucket, plan_buckets
+
+# Header codes of step 2/3; int64 so one tensor carries code and size.
+HEADER_DATA = 1
+HEADER_DONE = 0
+HEADER_ABORT = -1
+
+T = TypeVar("T")
+
+
+def tcp_uri(host: str, port: int) -> str:
+    """Rendezvous URI, spelled exactly as vLLM's `get_tcp_uri` (the store prefix
+    must match the actors' byte for byte)."""
+    if ":" in host:  # IPv6 literal
+        return f"tcp://[{host}]:{port}"
+    return f"tcp://{host}:{port}"
+
+
+def init_stateless_group(
+    host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+) -> ProcessGroup:
+    """A process group that leaves torch.distributed's global state alone.
+
+    Mirrors vLLM's `stateless_init_torch_distributed_process_group` (0.32):
+    TCPStore through tcp:// rendezvous, a PrefixStore keyed by the URI, and one
+    gloo or NCCL backend registered on a bare ProcessGroup, so that it
+    interoperates with the actors, which call vLLM's own function.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    uri = tcp_uri(host, port)
+    store, rank, world_size = next(rendezvous(uri, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    prefix_store = PrefixStore(uri, store)
+    pg = ProcessGroup(prefix_store, rank, world_size)
+    if backend == "gloo":
+        from torch.distributed.distributed_c10d import ProcessGroupGloo
+
+        impl = ProcessGroupGloo(prefix_store, rank, world_size, timeout=timeout)
+        backend_type, device = ProcessGroup.BackendType.GLOO, torch.device("cpu")
+    elif backend == "nccl":
+        from torch.distributed.distributed_c10d import ProcessGroupNCCL
+
+        options = ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        impl = ProcessGroupNCCL(prefix_store, rank, world_size, options)
+        backend_type, device = ProcessGroup.BackendType.NCCL, torch.device("cuda")
+    else:
+        raise ValueError(
+            f"weight-transfer backend must be 'gloo' (CPU) or 'nccl' (GPU), got {backend!r}"
+        )
+    pg._set_default_backend(backend_type)
+    impl._set_sequence_number_for_group()
+    pg._register_backend(device, backend_type, impl)
+    return pg
+
+
+def group_device(backend: str) -> torch.device:
+    """Where the buffers of a collective on this backend must live."""
+    return torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+
+
+def broadcast_(pg: ProcessGroup, tensor: torch.Tensor) -> None:
+    """In-place broadcast from group rank 0 (a stateless group has no global
+    ranks, so call the group directly rather than torch.distributed.broadcast)."""
+    pg.broadcast([tensor], _broadcast_opts()).wait()
+
+
+def max_all_ranks(pg: ProcessGroup, value: int, device: torch.device) -> int:
+    """The maximum of `value` over the group (the verdict and ack steps)."""
+    from torch.distributed import AllreduceOptions, ReduceOp
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    opts = AllreduceOptions()
+    opts.reduceOp = ReduceOp.MAX
+    pg.allreduce([t], opts).wait()
+    return int(t.item())
+
+
+def _broadcast_opts():
+    from torch.distributed import BroadcastOptions
+
+    opts = BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    return opts
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """'torch.bfloat16' or torch.bfloat16 -> 'bfloat16' (the WeightSpec form)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _or_abort(pg: ProcessGroup, header: torch.Tensor, tensors: Iterator, produce: Callable[[], T]) -> T:
+    """Run `produce` (which pulls tensors from the stream); if it raises, tell
+    the actors to stop waiting for buckets (an ABORT header) and keep pace with
+    the stream's remaining gathers before re-raising, so every process fails at
+    once with a clear error instead of timing out."""
+    try:
+        return produce()
+    except Exception:
+        header.copy_(torch.tensor([HEADER_ABORT, 0]))
+        broadcast_(pg, header)
+        _drain(tensors)
+        raise
+
+
+def _drain(tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Consume the rest of the stream after a failure: under ZeRO-3 each item
+    is a gather the other learner ranks are waiting in, so rank 0 must keep
+    pace with them or they hang."""
+    try:
+        for _ in tensors:
+            pass
+    except Exception:  # the stream itself failed; nothing more to keep pace with
+        pass
+
+
+def _expect_exhausted(tensors: Iterator[tuple[str, torch.Tensor]], count: int) -> None:
+    extra = next(tensors, None)
+    if extra is not None:
+        raise ValueError(
+            f"named_tensors yielded {extra[0]!r} after the {count} tensors the meta "
+            "announced; the meta must list every tensor sent"
+        )
+
+
+class WeightSender:
+    """Learner rank 0's end of the weight-transfer group."""
+
+    def __init__(self, backend: str):
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(
+                f"weight-transfer backend must be 'gloo' (CPU) or 'nccl' (GPU), got {backend!r}"
+            )
+        self.backend = backend
+        self.device = group_device(backend)
+        self._pg: ProcessGroup | None = None
+
+    def init_group(
+        self, master_addr: str, master_port: int, world_size: int, timeout_s: float
+    ) -> None:
+        """Join as rank 0 (and host the store); blocks until all actors join.
+
+        Call it while every rollout actor calls `init_weight_transfer` with ranks
+        1..world_size-1; world_size = 1 + number of rollout actors.
+        """
+        self._pg = init_stateless_group(
+            master_addr, master_port, 0, world_size, self.backend, timeout_s
+        )
+
+    @staticmethod
+    def make_meta(
+        named_shapes_dtypes: Iterable[tuple[str, tuple[int, ...], torch.dtype | str]],
+        version: int,
+        bucket_bytes: int,
+    ) -> WeightSyncMeta:
+        """Describe an update: (HF name, shape, dtype) per tensor, in send order.
+
+        The dtype must be the rollout engine's dtype (cast on the learner side):
+        the actors reject a mismatch rather than cast silently.
+        """
+        specs = [
+            WeightSpec(name=name, dtype=dtype_name(dtype), shape=tuple(int(s) for s in shape))
+            for name, shape, dtype in named_shapes_dtypes
+        ]
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise ValueError(f"weight {spec.name!r} appears twice in one update")
+            seen.add(spec.name)
+        plan_buckets(specs, bucket_bytes)  # validates bucket_bytes and dtypes now
+        return WeightSyncMeta(version=int(version), specs=specs, bucket_bytes=int(bucket_bytes))
+
+    def send(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: WeightSyncMeta
+    ) -> None:
+        """Broadcast one update; runs while every actor runs `receive_weights(meta)`.
+
+        `named_tensors` yields full tensors in `meta.specs` order, one at a time
+        (a ZeRO-3 gather may produce each on demand); at most one bucket of them
+        is held at once.  Raises if an actor rejected the meta or failed to load.
+        """
+        pg = self._require_group()
+        if max_all_ranks(pg, 0, self.device):
+            _drain(named_tensors)
+            raise RuntimeError(
+                f"a rollout actor rejected weight update version {meta.version} before "
+                "any tensor was sent; its receive_weights error names the parameter"
+            )
+        tensors = iter(named_tensors)
+        header = torch.empty(2, dtype=torch.int64, device=self.device)
+        for bucket in plan_buckets(meta.specs, meta.bucket_bytes):
+            payload = _or_abort(pg, header, tensors, lambda: self._pack(bucket, tensors, meta.specs))
+            header.copy_(torch.tensor([HEADER_DATA, bucket.nbytes]))
+            broadcast_(pg, header)
+            broadcast_(pg, payload)
+        _or_abort(pg, header, tensors, lambda: _expect_exhausted(tensors, len(meta.specs)))
+        header.copy_(torch.tensor([HEADER_DONE, 0]))
+        broadcast_(pg, header)
+        if max_all_ranks(pg, 0, self.device):
+            raise RuntimeError(
+                f"a rollout actor failed to load weight update version {meta.version}; "
+                "see its receive_weights error"
+            )
+
+    def _pack(
+        self,
+        bucket: Bucket,
+        tensors: Iterator[tuple[str, torch.Tensor]],
+        specs: list[WeightSpec],
+    ) -> torch.Tensor:
+        """Pull the bucket's tensors from the stream, check them, and lay them
+        out as one flat uint8 tensor on the group's device."""
+        flat_views = []
+        for slot in bucket.slots:
+            spec = specs[slot.index]
+            try:
+                name, tensor = next(tensors)
+            except StopIteration:
+                raise ValueError(
+                    f"named_tensors ended before {spec.name!r} (tensor {slot.index} of "
+                    f"{len(specs)} in the meta)"
+                ) from None
+            got = (name, dtype_name(tensor.dtype), tuple(tensor.shape))
+            if got != (spec.name, spec.dtype, spec.shape):
+                raise ValueError(
+                    f"tensor {slot.index} of the update is {got[0]!r} {got[1]} {got[2]} but "
+                    f"the meta announced {spec.name!r} {spec.dtype} {spec.shape}; yield "
+                    "tensors in meta order with the announced dtype and shape"
+                )
+            flat_views.append(tensor.detach().reshape(-1).view(torch.uint8))
+        if len(flat_views) == 1:
+            # Alone in its bucket (offset 0): send the tensor's own bytes, no copy.
+            return flat_views[0].to(self.device).contiguous()
+        payload = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
+        for slot, flat in zip(bucket.slots, flat_views):
+            payload[slot.offset : slot.offset + slot.nbytes].copy_(flat)
+        return payload
+
+    def _require_group(self) -> ProcessGroup:
+        if self._pg is None:
+            raise RuntimeError("WeightSender.send called before init_group")
+        return self._pg
+
+    def close(self) -> None:
+        """Leave the group (the actors should drop theirs too)."""
+        if self._pg is not None:
+            self._pg.shutdown()
+            self._pg = None

@@ -1,0 +1,221 @@
+"""Weight sync across processes, through the real components.
+
+A `RolloutWorker` (real vLLM engine, fp32) runs in the test process; a
+`WeightSender` runs in a spawned process, as the learner would.  They form a
+gloo group on 127.0.0.1.  The sender loads the embedded tiny policy in
+transformers, adds seeded noise to every weight and sends it in small buckets
+(several tensors per bucket, and tensors larger than a bucket).  After each
+update vLLM's logprobs must equal transformers' logprobs of the perturbed model.
+
+The perturbed model is rebuilt from (model path, seed) in both processes by
+`perturbed_model`, so expected values never cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import socket
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.weight_buckets import plan_buckets
+
+TIMEOUT_S = 60.0  # every group collective and every queue wait
+BUCKET_BYTES = 300_000  # embed (1 MiB) and MLP weights (768 KiB) exceed it; norms share buckets
+ATOL = 1e-4  # fp32 engine against fp32 transformers
+
+
+def perturbed_model(model_path: str, seed: int):
+    """The tiny policy in fp32, with N(0, 0.02) noise on every weight (seed 0: none)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if seed:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def hf_logprobs(model, prompt: list[int], completion: list[int]) -> np.ndarray:
+    """transformers' logprobs (C,) of `completion` after `prompt`."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])
+    return lp[:, 0].numpy()
+
+
+def _sender_main(model_path: str, port: int, commands, results) -> None:
+    """The learner stand-in: joins the group as rank 0, then serves commands."""
+    from learner.weight_sync import WeightSender
+
+    try:
+        sender = WeightSender("gloo")
+        sender.init_group("127.0.0.1", port, world_size=2, timeout_s=TIMEOUT_S)
+        results.put(("ready", None))
+        while True:
+            cmd, version, seed, fault = commands.get(timeout=5 * TIMEOUT_S)
+            if cmd == "stop":
+                break
+            named = list(perturbed_model(model_path, seed).named_parameters())
+            shapes = [(n, p.shape, p.dtype) for n, p in named]
+            if fault == "unknown_name":
+                shapes[3] = ("model.layers.0.mlp.not_a_proj.weight",) + shapes[3][1:]
+            if fault == "dtype":
+                shapes[5] = shapes[5][:2] + (torch.bfloat16,)
+            meta = WeightSender.make_meta(shapes, version, BUCKET_BYTES)
+            results.put(("meta", meta))  # travels before the tensors, as over Ray
+            tensors = ((n, p.detach()) for n, p in named)
+            if fault == "abort_midway":
+                # A learner that dies while producing tensors: the 6th is wrong.
+                tensors = ((n, p.detach() if i != 5 else p.detach()[:1]) for i, (n, p) in enumerate(named))
+            try:
+                sender.send(tensors, meta)
+                results.put(("sent", None))
+            except (RuntimeError, ValueError) as exc:
+                results.put(("send_failed", str(exc)))
+        sender.close()
+    except BaseException:
+        results.put(("crashed", traceback.format_exc()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(results, expected: str):
+    kind, payload = results.get(timeout=TIMEOUT_S)
+    assert kind == expected, f"sender answered {kind}: {payload}"
+    return payload
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    from cluster.tiny_model import ensure_embedded_model
+
+    return ensure_embedded_model("policy")
+
+
+@pytest.fixture(scope="module")
+def linked(model_path):
+    """(worker, commands, results): a vLLM actor and a sender process in one group."""
+    from actors.rollout import RolloutWorker
+
+    worker = RolloutWorker(model_path, dtype="float32", max_model_len=256, seed=0, kv_cache_gib=1)
+    ctx = mp.get_context("spawn")
+    commands, results = ctx.Queue(), ctx.Queue()
+    port = _free_port()
+    proc = ctx.Process(target=_sender_main, args=(model_path, port, commands, results), daemon=True)
+    proc.start()
+    try:
+        worker.init_weight_transfer("127.0.0.1", port, rank=1, world_size=2, backend="gloo", timeout_s=TIMEOUT_S)
+        _get(results, "ready")
+        yield worker, commands, results
+        commands.put(("stop", 0, 0, None))
+        proc.join(timeout=TIMEOUT_S)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+        worker.shutdown()
+
+
+def _update(linked, seed: int, fault: str | None = None):
+    """Drive one update as the driver would: meta first, then send || receive."""
+    worker, commands, results = linked
+    version = worker.policy_version + 1
+    commands.put(("send", version, seed, fault))
+    meta = _get(results, "meta")
+    try:
+        returned = worker.receive_weights(meta)
+    except Exception as exc:
+        return meta, exc, results.get(timeout=TIMEOUT_S)
+    _get(results, "sent")
+    return meta, returned, None
+
+
+# A fixed sequence for scoring, and a prompt longer than one 128-token CPU KV block.
+RNG = np.random.default_rng(7)
+PROMPT = RNG.integers(3, 1000, size=20).tolist()
+COMPLETION = RNG.integers(3, 1000, size=12).tolist()
+LONG_PROMPT = RNG.integers(3, 1000, size=140).tolist()
+
+
+def _greedy(worker, prompt: list[int]):
+    from cluster.records import PromptBatch
+
+    batch = PromptBatch(prompts=["long"], prompt_ids=[np.array(prompt, dtype=np.int32)])
+    r = worker.generate(batch, max_new_tokens=6, temperature=0.0, top_p=1.0)
+    return r.completion_ids[0].tolist(), r.logprobs[0]
+
+
+def test_updates_reach_the_running_engine(linked, model_path):
+    worker = linked[0]
+    assert worker.policy_version == 0
+    before = worker.score_sequence_logprobs(PROMPT, COMPLETION)
+    np.testing.assert_allclose(before, hf_logprobs(perturbed_model(model_path, 0), PROMPT, COMPLETION), atol=ATOL)
+    _greedy(worker, LONG_PROMPT)  # fills the prefix cache with the old weights' KV
+
+    meta, version, _ = _update(linked, seed=1)
+    assert version == 1 == worker.policy_version
+    sizes = [len(b.slots) for b in plan_buckets(meta.specs, meta.bucket_bytes)]
+    assert max(sizes) > 1 and 1 in sizes and len(sizes) > 3, sizes
+    assert any(b.nbytes > BUCKET_BYTES for b in plan_buckets(meta.specs, meta.bucket_bytes))
+
+    model1 = perturbed_model(model_path, 1)
+    after = worker.score_sequence_logprobs(PROMPT, COMPLETION)
+    np.testing.assert_allclose(after, hf_logprobs(model1, PROMPT, COMPLETION), atol=ATOL)
+    assert np.abs(after - before).max() > 1e-2  # the update changed what vLLM computes
+
+    # Same long prompt again: served from the new weights, not the cached block.
+    ids, lps = _greedy(worker, LONG_PROMPT)
+    np.testing.assert_allclose(lps, hf_logprobs(model1, LONG_PROMPT, ids), atol=ATOL)
+
+    _, version, _ = _update(linked, seed=2)
+    assert version == 2 == worker.policy_version
+    after2 = worker.score_sequence_logprobs(PROMPT, COMPLETION)
+    np.testing.assert_allclose(after2, hf_logprobs(perturbed_model(model_path, 2), PROMPT, COMPLETION), atol=ATOL)
+    assert worker.health()["engine_weight_version"] == "2"
+
+
+@pytest.mark.parametrize(
+    "fault, names",
+    [("unknown_name", "model.layers.0.mlp.not_a_proj.weight"), ("dtype", "bfloat16 sent")],
+)
+def test_bad_meta_is_rejected_before_transfer(linked, fault, names):
+    worker = linked[0]
+    version, before = worker.policy_version, worker.score_sequence_logprobs(PROMPT, COMPLETION)
+    _, exc, answer = _update(linked, seed=3, fault=fault)
+    assert isinstance(exc, ValueError) and names in str(exc), exc
+    assert answer[0] == "send_failed" and "rejected" in answer[1], answer
+    assert worker.policy_version == version  # nothing applied, the engine still serves
+    np.testing.assert_array_equal(worker.score_sequence_logprobs(PROMPT, COMPLETION), before)
+
+
+def test_learner_abort_then_resend(linked, model_path):
+    from actors.weight_receiver import WeightUpdateAborted
+
+    worker = linked[0]
+    version = worker.policy_version
+    _, exc, answer = _update(linked, seed=4, fault="abort_midway")
+    assert isinstance(exc, WeightUpdateAborted), exc
+    assert answer[0] == "send_failed" and "announced" in answer[1], answer
+    assert worker.policy_version == version
+    with pytest.raises(RuntimeError, match="partially applied"):
+        worker.score_sequence_logprobs(PROMPT, COMPLETION)
+
+    _, new_version, _ = _update(linked, seed=4)
+    assert new_version == version + 1
+    np.testing.assert_allclose(
+        worker.score_sequence_logprobs(PROMPT, COMPLETION),
+        hf_logprobs(perturbed_model(model_path, 4), PROMPT, COMPLETION),
+        atol=ATOL,
+    )

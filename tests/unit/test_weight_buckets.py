@@ -1,0 +1,68 @@
+"""The weight-sync byte layout (cluster/weight_buckets.py) and the sender's meta,
+on hand-worked sizes; no process group, no vLLM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.records import WeightSpec
+from cluster.weight_buckets import ALIGN, plan_buckets
+from learner.weight_sync import WeightSender
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spec(name: str, dtype: str, *shape: int) -> WeightSpec:
+    return WeightSpec(name=name, dtype=dtype, shape=tuple(shape))
+
+
+def test_plan_packs_in_order_aligns_and_isolates_big_tensors():
+    assert ALIGN == 16
+    specs = [
+        _spec("a", "float32", 10),  # 40 bytes
+        _spec("b", "bfloat16", 4),  # 8 bytes
+        _spec("c", "float32", 25),  # 100 bytes > 64: alone
+        _spec("d", "bfloat16", 2),  # 4 bytes
+    ]
+    buckets = plan_buckets(specs, bucket_bytes=64)
+    # a at 0..40; b at align(40) = 48..56; c alone; d alone after it.
+    assert [[(s.index, s.offset, s.nbytes) for s in b.slots] for b in buckets] == [
+        [(0, 0, 40), (1, 48, 8)],
+        [(2, 0, 100)],
+        [(3, 0, 4)],
+    ]
+    assert [b.nbytes for b in buckets] == [56, 100, 4]
+
+
+def test_plan_fills_a_bucket_exactly():
+    # 16 + 16 + 32 = 64 bytes, all aligned: one bucket; the next tensor starts a new one.
+    specs = [_spec("a", "float32", 4), _spec("b", "float32", 4), _spec("c", "float64", 4), _spec("d", "int8", 1)]
+    assert [len(b.slots) for b in plan_buckets(specs, 64)] == [3, 1]
+
+
+def test_plan_rejects_unknown_dtype_and_tiny_buckets():
+    with pytest.raises(ValueError, match="'x'.*complex64"):
+        plan_buckets([_spec("x", "complex64", 2)], 1024)
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets([_spec("x", "float32", 2)], 8)
+
+
+def test_make_meta_names_dtypes_and_duplicates():
+    meta = WeightSender.make_meta(
+        [("w", torch.Size([2, 3]), torch.bfloat16), ("b", (3,), "float32")], version=4, bucket_bytes=1024
+    )
+    assert meta.version == 4 and meta.bucket_bytes == 1024
+    assert meta.specs == [_spec("w", "bfloat16", 2, 3), _spec("b", "float32", 3)]
+    with pytest.raises(ValueError, match="'w' appears twice"):
+        WeightSender.make_meta([("w", (1,), torch.float32)] * 2, version=1, bucket_bytes=1024)
+
+
+def test_sender_imports_no_vllm_ray_or_deepspeed():
+    code = "import sys, learner.weight_sync; print(sorted({'vllm', 'ray', 'deepspeed'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

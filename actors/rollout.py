@@ -119,17 +119,22 @@ class RolloutWorker:
 
         self._check_consistent()
         self._check_prompt_lengths(batch.prompt_ids, max_new_tokens)
-        params = SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            seed=seed,
-            logprobs=0,  # 0 extra candidates: just the sampled token's logprob
-            # Decoded once below: vLLM's incremental detokenizer drops a trailing
-            # partial UTF-8 character, so its text would not be decode(ids).
-            detokenize=False,
-        )
+        # One seed per request: a seed shared by every request of a batch gives
+        # each the same random stream, hence near-identical samples.
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=None if seed is None else seed * 1_000_003 + i,
+                logprobs=0,  # 0 extra candidates: just the sampled token's logprob
+                # Decoded once below: vLLM's incremental detokenizer drops a trailing
+                # partial UTF-8 character, so its text would not be decode(ids).
+                detokenize=False,
+            )
+            for i in range(len(batch.prompt_ids))
+        ]
         prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in batch.prompt_ids]
         t0 = time.perf_counter()
         outputs = self._llm.generate(prompts, params, use_tqdm=False)

@@ -314,6 +314,14 @@ def _varied_completion(rng: np.random.Generator, topic: str) -> str:
     return _join(words)
 
 
+def _sigmoid(x: float) -> float:
+    # The two branches never exponentiate a large positive number (no overflow at large beta).
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
 def make_preference_pairs(n: int, seed: int, beta: float = 10.0) -> list[PreferencePair]:
     """n pairs on train-split prompts, labelled by Bradley-Terry on the gold reward.
 
@@ -326,7 +334,7 @@ def make_preference_pairs(n: int, seed: int, beta: float = 10.0) -> list[Prefere
         topic = prompt_topic(prompt) or TOPIC_NAMES[0]
         a, b = _varied_completion(rng, topic), _varied_completion(rng, topic)
         ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
-        p_a = 1.0 / (1.0 + math.exp(-beta * (ga - gb)))
+        p_a = _sigmoid(beta * (ga - gb))
         if rng.random() < p_a:
             out.append(PreferencePair(prompt, a, b, ga, gb))
         else:

@@ -100,7 +100,8 @@ def build_tokenizer(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelS
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
     )
 
-    split = [w for w in synthetic_task.all_task_words() if len(tok.encode(" " + w, add_special_tokens=False).ids) != 1]
+    words = synthetic_task.all_task_words()
+    split = [w for w in words if len(tok.encode(" " + w, add_special_tokens=False).ids) != 1]
     if split:
         raise RuntimeError(
             f"tokenizer with vocab_size={spec.vocab_size} splits task words {split[:8]}...: "
@@ -234,15 +235,21 @@ def ensure_embedded_model(
 
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".tmp-{final.name}-*"):  # left by a build that crashed
-        if time.time() - stale.stat().st_mtime > STALE_TMP_S:
-            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:  # another caller removed it first
+            pass
     # Same filesystem as `final`, so the rename below is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     t0 = time.perf_counter()
     log.info("building embedded tiny %s model into %s", kind, final)
     try:
         _BUILDERS[kind](tmp, spec)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache is meant to be shared
+        # mkdtemp and safetensors make owner-only entries; the cache is meant to be shared.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         os.rename(tmp, final)
     except OSError:
         # Another process renamed its build in first: use that one.

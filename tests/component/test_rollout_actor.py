@@ -68,6 +68,13 @@ def test_generate_returns_well_formed_rollouts(worker, tokenizer):
     assert health["policy_version"] == 0 and health["tokens_generated"] == 2 * r.num_tokens
 
 
+def test_seeded_batch_samples_each_prompt_independently(worker, tokenizer):
+    # A seed shared by every request would give identical samples for identical prompts.
+    batch = _batch(tokenizer, ["the quick brown fox"] * 8)
+    r = worker.generate(batch, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=3)
+    assert len({tuple(c.tolist()) for c in r.completion_ids}) == 8
+
+
 def test_too_long_prompt_names_index_length_and_keys(worker):
     ok = np.arange(3, 3 + 100, dtype=np.int32)  # 100 + 28 = MAX_MODEL_LEN: fits exactly
     too_long = np.arange(3, 3 + 101, dtype=np.int32)

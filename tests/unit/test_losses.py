@@ -151,7 +151,8 @@ def test_policy_loss_clip_higher():
 def test_approx_kl_is_k3_of_old_to_new():
     # one token, log-ratio new - old = +0.5: k3 of KL(old || new) = e^0.5 - 1 - 0.5 = 0.14872
     # (the reverse direction would give e^-0.5 - 1 + 0.5 = 0.10653)
-    out = policy_loss_clipped(torch.tensor([[-0.5]]), torch.tensor([[-1.0]]), torch.ones(1, 1), torch.ones(1, 1), 0.2)
+    one = torch.ones(1, 1)
+    out = policy_loss_clipped(torch.tensor([[-0.5]]), torch.tensor([[-1.0]]), one, one, clip_eps=0.2)
     close(out.approx_kl, 0.14872)
 
 
@@ -242,7 +243,9 @@ def test_dpo_loss():
     # policy == reference: logits 0, loss log 2, rewards 0, whatever the smoothing
     logps = torch.tensor([-10.0, -3.0])
     for smoothing in (0.0, 0.1):
-        loss, chosen, rejected = dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.1, label_smoothing=smoothing)
+        loss, chosen, rejected = dpo_loss(
+            logps, logps - 1, logps, logps - 1, beta=0.1, label_smoothing=smoothing
+        )
         close(loss, math.log(2))
         close(chosen, [0.0, 0.0])
         close(rejected, [0.0, 0.0])

@@ -64,6 +64,7 @@ class DataConfig:
 class RolloutConfig:
     num_actors: int = _f(1, "number of rollout actors, one vLLM engine each", min=1)
     num_cpus_per_actor: float = _f(1.0, "Ray CPUs reserved per rollout actor", gt=0)
+    samples_per_prompt: int = _f(1, "completions sampled per prompt (a group, for GRPO/RLOO and variance)", min=1)
     max_new_tokens: int = _f(24, "completion length limit in tokens", min=1)
     temperature: float = _f(1.0, "sampling temperature", gt=0)
     top_p: float = _f(1.0, "nucleus sampling mass", gt=0, max=1)
@@ -159,15 +160,16 @@ def _check_cross_fields(cfg: FlywheelConfig) -> None:
             f"data.prompts_per_step: must be a multiple of rollout.num_actors ({cfg.rollout.num_actors}), "
             f"got {cfg.data.prompts_per_step}"
         )
+    sequences = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
     if cfg.learner.minibatch_size % cfg.learner.world_size:
         raise ConfigError(
             f"learner.minibatch_size: must be a multiple of learner.world_size ({cfg.learner.world_size}), "
             f"got {cfg.learner.minibatch_size}"
         )
-    if cfg.data.prompts_per_step % cfg.learner.minibatch_size:
+    if sequences % cfg.learner.minibatch_size:
         raise ConfigError(
-            f"learner.minibatch_size: must divide data.prompts_per_step ({cfg.data.prompts_per_step}), "
-            f"got {cfg.learner.minibatch_size}"
+            f"learner.minibatch_size: must divide the sequences per step (data.prompts_per_step x "
+            f"rollout.samples_per_prompt = {sequences}), got {cfg.learner.minibatch_size}"
         )
     if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
         raise ConfigError("sync.backend: nccl needs run.device=cuda; use gloo or auto on cpu")

@@ -98,7 +98,9 @@ class Services:
             return
         address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
         repo_root = str(Path(__file__).resolve().parent.parent)
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+               # vLLM's per-request INFO lines would drown the step log; its warnings still show.
+               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         if address:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         else:

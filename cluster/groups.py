@@ -107,7 +107,7 @@ class RolloutGroup:
         ]
         refs = [
             actor.generate.remote(part, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                  top_p=r.top_p, seed=None if seed is None else seed + i)
+                                  top_p=r.top_p, n=r.samples_per_prompt, seed=None if seed is None else seed + i)
             for i, (actor, part) in enumerate(zip(self.actors, parts))
         ]
         t0 = time.perf_counter()

@@ -16,13 +16,20 @@ import traceback
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--config", help="YAML run config (see configs/)")
+    parser.add_argument("--describe-config", action="store_true", help="list every config key with its default and doc")
     parser.add_argument("--output-dir", help="overrides run.output_dir")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. run.steps=3 learner.lr=1e-5")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from cluster.config import ConfigError, load_config
+    from cluster.config import ConfigError, describe, load_config
+
+    if args.describe_config:
+        print("\n".join(describe()))
+        return 0
+    if not args.config:
+        parser.error("--config is required (e.g. --config configs/local_tiny_ppo.yaml)")
 
     overrides = list(args.overrides)
     if args.output_dir:

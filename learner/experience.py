@@ -70,13 +70,14 @@ def pad_batch(prompt_ids: list[np.ndarray], completion_ids: list[np.ndarray], pa
         if len(p) == 0:
             raise ValueError(f"row {i} has an empty prompt; every sequence needs at least one prompt token")
         seq = np.concatenate([p, c])
-        input_ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, : len(seq)] = 1
         gather_index[i, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
         # Padding points at the last prompt position: a valid index whose value is masked away.
         gather_index[i, len(c) :] = len(p) - 1
         mask[i, : len(c)] = 1.0
-        completions[i, : len(c)] = torch.as_tensor(c, dtype=torch.long)
+        # torch.tensor copies: arrays from Ray's object store are read-only.
+        completions[i, : len(c)] = torch.tensor(c, dtype=torch.long)
     return TokenBatch(input_ids, attention_mask, gather_index, mask, completions)
 
 
@@ -84,7 +85,7 @@ def ragged_to_padded(rows: list[np.ndarray], width: int) -> Tensor:
     """B float arrays of length <= width -> (B, width) float32, zero padded."""
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.float32)
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
     return out
 
 
@@ -123,4 +124,4 @@ def tokens_from_scored(scored: ScoredRollout, pad_id: int) -> tuple[TokenBatch, 
     r = scored.rollout
     tokens = pad_batch(r.prompt_ids, r.completion_ids, pad_id)
     sample_logprobs = ragged_to_padded(r.logprobs, tokens.mask.shape[1])
-    return tokens, torch.as_tensor(scored.scores, dtype=torch.float32), sample_logprobs
+    return tokens, torch.tensor(scored.scores, dtype=torch.float32), sample_logprobs

@@ -1,10 +1,10 @@
 """Unit tests of learner/advantages.py: hand-worked cases, masking, loop vs vectorised GAE."""
 
-import ast
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import GARBAGE, close, imported_modules
 
 from learner import advantages as adv_module
 from learner.advantages import (
@@ -19,26 +19,10 @@ from learner.advantages import (
     token_level_rewards,
 )
 
-GARBAGE = 1e9  # written into padding; must never reach a result
-
-
-def close(actual, expected, atol=1e-4):
-    torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float64),
-        torch.as_tensor(expected, dtype=torch.float64),
-        atol=atol,
-        rtol=0,
-    )
 
 
 def test_module_imports_only_torch_and_pure_modules():
-    tree = ast.parse(Path(adv_module.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module)
+    imported = imported_modules(adv_module.__file__)
     assert imported <= {"__future__", "typing", "dataclasses", "math", "torch", "learner.losses"}, imported
 
 

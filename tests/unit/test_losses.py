@@ -1,11 +1,11 @@
 """Unit tests of learner/losses.py: small cases worked by hand, masking, gradients."""
 
-import ast
 import math
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import GARBAGE, close, imported_modules
 
 from learner import losses
 from learner.losses import (
@@ -22,27 +22,11 @@ from learner.losses import (
     value_loss_clipped,
 )
 
-GARBAGE = 1e9  # written into padding; must never reach a result
-
-
-def close(actual, expected, atol=1e-4):
-    torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float64),
-        torch.as_tensor(expected, dtype=torch.float64),
-        atol=atol,
-        rtol=0,
-    )
 
 
 def test_module_imports_only_torch_and_stdlib():
     # Importing learner.losses must cost nothing beyond torch: no ray, vllm, deepspeed, numpy.
-    tree = ast.parse(Path(losses.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module.split(".")[0])
+    imported = imported_modules(losses.__file__, top_level=True)
     assert imported <= {"__future__", "typing", "dataclasses", "math", "torch"}, imported
 
 

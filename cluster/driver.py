@@ -122,6 +122,13 @@ def _kill_all(actors: list) -> None:
             pass
 
 
+def _check_reward_reachable(cfg: FlywheelConfig) -> None:
+    from reward_service.client import RewardClient
+
+    with RewardClient(cfg.reward.url, timeout_s=cfg.reward.timeout_s) as client:
+        client.health(timeout_s=cfg.reward.timeout_s)
+
+
 def _resolve_model(cfg: FlywheelConfig) -> str:
     if cfg.model.path is not None:
         return cfg.model.path
@@ -193,6 +200,8 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     t_start = time.perf_counter()
+    if cfg.reward.url is not None:
+        _check_reward_reachable(cfg)  # fail in seconds, before building or starting anything
     model_path = _resolve_model(cfg)
     from transformers import AutoTokenizer
 

@@ -42,7 +42,8 @@ def _processes_with_marker(marker: str) -> list[str]:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
             if f"FLYWHEEL_TEST_MARKER={marker}".encode() in environ:
-                found.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(b'\0', b' ')[:200]!r}")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
+                found.append(f"{pid}: {cmdline!r}")
         except OSError:
             continue
     return found
@@ -62,7 +63,7 @@ def test_ppo_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     result = _launch(
         ["--config", str(CONFIG), "--output-dir", str(out), "run.steps=3", "run.eval_prompts=16",
-         "data.prompts_per_step=16", "learner.minibatch_size=8", "learner.world_size=2", "learner.zero_stage=3",
+         "data.prompts_per_step=16", "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "learner.world_size=2", "learner.zero_stage=3",
          "sync.bucket_mb=0.25"],
         timeout_s=840, marker=marker,
     )

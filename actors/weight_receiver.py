@@ -49,17 +49,12 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from cluster.records import WeightSpec, WeightSyncMeta
-from cluster.weight_buckets import plan_buckets
+from cluster.weight_buckets import HEADER_ABORT, HEADER_DATA, plan_buckets
 
 # Name under which the engine is registered with vLLM's factory; pass it as
 # `weight_transfer_config={"backend": ENGINE_NAME}` when building the LLM.
 ENGINE_NAME = "flywheel_torchdist"
 
-# Must equal learner/weight_sync.py's header codes (the two sides may not
-# import each other; the protocol test exercises both).
-HEADER_DATA = 1
-HEADER_DONE = 0
-HEADER_ABORT = -1
 
 
 @dataclass

@@ -50,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flywheel: interrupted; every started process was stopped", file=sys.stderr)
         return 130
-    except Exception as exc:  # the run failed: say why in one paragraph, keep the trace in the log
-        logging.getLogger("flywheel").debug("".join(traceback.format_exc()))
+    except Exception as exc:  # the run failed: say why in one paragraph
+        from cluster.groups import RemoteCallError
+        from reward_service.client import RewardServiceError
+
+        # Errors we raise ourselves already say what to do; anything else gets its traceback.
+        if not isinstance(exc, (RewardServiceError, RemoteCallError)):
+            traceback.print_exc(file=sys.stderr)
         print(f"flywheel: run failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
         return 1
     before = summary.get("before", {}).get("eval_gold_reward")
     after = summary.get("after", {}).get("eval_gold_reward")

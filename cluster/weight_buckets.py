@@ -40,6 +40,12 @@ ITEMSIZE: dict[str, int] = {
     "bool": 1,
 }
 
+# Header codes of the wire protocol (one int64 pair [code, nbytes] before each
+# bucket), shared by learner/weight_sync.py and actors/weight_receiver.py.
+HEADER_DATA = 1
+HEADER_DONE = 0
+HEADER_ABORT = -1
+
 
 def spec_nbytes(spec: WeightSpec) -> int:
     """Size in bytes of the tensor `spec` describes."""

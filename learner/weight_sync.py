@@ -36,12 +36,8 @@ from torch.distributed import PrefixStore, ProcessGroup
 from torch.distributed.rendezvous import rendezvous
 
 from cluster.records import WeightSpec, WeightSyncMeta
-from cluster.weight_buckets import Bucket, plan_buckets
+from cluster.weight_buckets import HEADER_ABORT, HEADER_DATA, HEADER_DONE, Bucket, plan_buckets
 
-# Header codes of step 2/3; int64 so one tensor carries code and size.
-HEADER_DATA = 1
-HEADER_DONE = 0
-HEADER_ABORT = -1
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """The embedded tiny model: deterministic builds, pretraining, transformers and vLLM load it.
 
-The default policy is built once (about a minute: 150 pretraining steps); the
+The default policy is built once (about 50 s: 100 pretraining steps); the
 determinism and cache tests build a few-step variant (seconds each). The vLLM
 test runs the real CPU engine in-process (about 10-30 s). Nothing is downloaded.
 """
@@ -212,7 +212,7 @@ def test_vllm_generates_from_the_policy(policy_dir):
         assert math.isfinite(synthetic_task.gold_reward(prompt, comp.text))
         # vLLM serves the saved weights, not a fresh init of its own: its
         # sampling logprobs match transformers' on the same tokens up to bf16
-        # kernel noise (measured 0.009), far below the ~1.2 nats between
+        # kernel noise (measured up to 0.009), far below the ~1.2 nats between
         # a task word here (ln 314 = 5.75) and under a random init (ln 1008 = 6.92).
         seq = torch.tensor([list(out.prompt_token_ids) + ids])
         with torch.no_grad():
@@ -223,7 +223,7 @@ def test_vllm_generates_from_the_policy(policy_dir):
 
     # Before RL the policy speaks the task's words, of every topic, and stops by
     # itself at varied lengths: its gold reward is that of random task words.
-    # Measured on these 64 prompts: 99.9% task words, 94% stopped, 15.4 tokens, gold 0.137.
+    # Measured on these 64 prompts: 99.9% task words, 95% stopped, 15.5 tokens, gold 0.134.
     task_words = set(synthetic_task.all_task_words())
     words = [w for out in eval_outs for w in synthetic_task.completion_words(out.outputs[0].text)]
     stopped = [out.outputs[0].finish_reason == "stop" for out in eval_outs]

@@ -11,8 +11,8 @@ run needs nothing from a hub:
   any learned reward model, so a run can always say how good its policy really
   is (and catch a policy that games a learned reward);
 - SFT demonstrations and Bradley-Terry preference pairs drawn from that
-  labeller, topic-blind pretraining text for the embedded policy, a
-  tokenizer-training corpus, and JSONL writers / a `datasets` loader.
+  labeller, a tokenizer-training corpus, and JSONL writers / a `datasets`
+  loader.
 
 All generation is deterministic given a seed and uses its own generator
 (`numpy.random.default_rng(seed)`), never a global RNG. Only the standard
@@ -340,35 +340,6 @@ def make_preference_pairs(n: int, seed: int, beta: float = 10.0) -> list[Prefere
         else:
             out.append(PreferencePair(prompt, b, a, gb, ga))
     return out
-
-
-# ------------------------------------------------------------------------ pretraining text
-
-PRETRAIN_MIN_WORDS = 6  # shortest pretraining completion
-PRETRAIN_MAX_WORDS = 24  # longest; equals the demo's max_new_tokens, so sampled lengths vary inside the window
-
-
-def pretraining_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    """n (prompt, completion) pairs of language-model text for the policy before RL.
-
-    Prompts cycle the train pool (`make_prompts`). A completion is 6-24 words
-    (uniform) drawn independently and uniformly from `all_task_words()`,
-    whatever the prompt's topic: a model fit to this speaks the task's words
-    and stops, but has no reason to follow the topic, which is what RL must
-    learn. Its gold reward is that of random task words (mean 0.143).
-    """
-    rng = np.random.default_rng((seed, 1))  # a stream apart from make_prompts' default_rng(seed)
-    words = all_task_words()
-    out = []
-    for prompt in make_prompts(n, seed, "train"):
-        k = int(rng.integers(PRETRAIN_MIN_WORDS, PRETRAIN_MAX_WORDS + 1))
-        out.append((prompt, _join([words[i] for i in rng.integers(0, len(words), k)])))
-    return out
-
-
-def pretraining_lines(n: int, seed: int) -> list[str]:
-    """`pretraining_pairs` as text lines, prompt + completion (the trainer appends EOS as a token)."""
-    return [prompt + completion for prompt, completion in pretraining_pairs(n, seed)]
 
 
 # ------------------------------------------------------------------------- corpus / files

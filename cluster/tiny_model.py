@@ -2,15 +2,10 @@
 
 Nothing is downloaded. The tokenizer is a byte-level BPE trained on
 `synthetic_task.corpus_lines`, so every task word is one token (with its
-leading space) and any text round-trips. The policy is a `LlamaForCausalLM`
-(bf16, safetensors) given a short language-model pretraining on
-`synthetic_task.pretraining_pairs`: it continues a prompt with 6-24 task words
-of every topic and then `</s>`, with no preference for the prompt's topic, so
-RL starts from a fluent model with room to improve (as a real pipeline starts
-from an SFT model). The reward model is a randomly initialised
-`LlamaForSequenceClassification` with one output on the same tokenizer. Both
-builds are deterministic given the spec (fixed seed, thread count and data
-order).
+leading space) and any text round-trips. The policy is a randomly initialised
+`LlamaForCausalLM` (bf16, safetensors) whose next-token distribution starts
+near uniform; the reward model is a `LlamaForSequenceClassification` with one
+output on the same tokenizer. Both builds are deterministic given the spec.
 
 `ensure_embedded_model` builds once into a cache directory keyed by the spec
 and CODE_VERSION (root `$FLYWHEEL_CACHE`, else `~/.cache/flywheel`): it builds
@@ -29,8 +24,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,16 +33,11 @@ from cluster import synthetic_task
 log = logging.getLogger(__name__)
 
 # Bump when a change here alters what a build writes: old caches are then ignored.
-CODE_VERSION = "2"  # 2: the policy is pretrained on topic-blind task text
+CODE_VERSION = "1"
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2
 SPEC_FILE = "flywheel_spec.json"
 STALE_TMP_S = 3600.0  # a temporary build directory this old belongs to a crashed build
-# Float sums can depend on how many threads split them; a fixed count makes a
-# build's bytes the same whoever calls it. One, not two: on this shared 2-core
-# machine a second OpenMP thread made a training step 6x slower whenever another
-# process kept the cores busy (2.96 s against 0.49 s).
-BUILD_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -63,27 +51,15 @@ class TinyModelSpec:
     num_kv_heads: int = 2  # grouped-query attention, as in real Llama checkpoints
     intermediate_size: int = 768
     max_positions: int = 512
-    init_std: float = 0.02  # small, so training starts from a near-uniform next-token distribution
-    seed: int = 0  # seeds the tokenizer corpus, the weights and the pretraining text
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of the saved weights (training is fp32)
-    # Policy pretraining (the reward model is not trained): AdamW steps over
-    # fresh lines (no line is seen twice), lines per step, and the peak learning
-    # rate (linear warm-up over the first 10% of steps, then cosine to 10% of it).
-    # 0 steps saves the random init.
-    pretrain_steps: int = 100  # ends ~0.02 nats above the loss floor; 0.45 s a step on one core
-    pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
+    init_std: float = 0.02  # small, so the untrained policy's next-token distribution is near uniform
+    seed: int = 0  # seeds the tokenizer corpus and the weights
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of the saved weights
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        if self.pretrain_steps < 0 or self.pretrain_batch < 1 or not self.pretrain_lr > 0:
-            raise ValueError(
-                f"pretrain_steps must be >= 0, pretrain_batch >= 1 and pretrain_lr > 0; got "
-                f"{self.pretrain_steps}, {self.pretrain_batch}, {self.pretrain_lr}"
-            )
 
     @property
     def head_dim(self) -> int:
@@ -178,100 +154,14 @@ def _llama_config(tokenizer, spec: TinyModelSpec, **extra):
     )
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _pretraining_batches(tokenizer, spec: TinyModelSpec) -> Iterator[tuple]:
-    """Padded batches of `pretraining_pairs`: input_ids, attention_mask, labels, each (B, T) int64.
-
-    Prompt and completion are tokenised apart, as a rollout sees them (vLLM
-    encodes the prompt, then samples), and `</s>` is appended as a token. The
-    labels are -100 (no loss) on the prompt and on the right padding.
-    """
-    import torch
-
-    n = spec.pretrain_steps * spec.pretrain_batch
-    pairs = synthetic_task.pretraining_pairs(n, spec.seed)  # already in a seeded order
-    prompts = tokenizer([p for p, _ in pairs]).input_ids  # starts with <s>
-    completions = tokenizer([c for _, c in pairs], add_special_tokens=False).input_ids
-    for start in range(0, n, spec.pretrain_batch):
-        rows = range(start, start + spec.pretrain_batch)
-        width = max(len(prompts[i]) + len(completions[i]) + 1 for i in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, i in enumerate(rows):
-            p, c = prompts[i], completions[i] + [tokenizer.eos_token_id]
-            ids[b, : len(p) + len(c)] = torch.tensor(p + c)
-            labels[b, len(p) : len(p) + len(c)] = torch.tensor(c)
-            mask[b, : len(p) + len(c)] = 1
-        yield ids, mask, labels
-
-
-def _pretrain(model, tokenizer, spec: TinyModelSpec) -> float:
-    """Next-token training of the policy on completion + `</s>`; returns the mean loss of the last tenth of steps.
-
-    Only the completion is scored: the policy is only ever asked to continue
-    a prompt, and the 6 fixed templates would otherwise take part of the loss
-    and hide how close the completion loss is to its floor (about 5.57 nats:
-    ln 314 per word plus the ln 19 entropy of where `</s>` falls, over 16 tokens).
-    """
-    import math
-
-    import torch
-
-    steps = spec.pretrain_steps
-    warmup = max(1, steps // 10)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    every = max(1, steps // 10)
-    model.train()
-    window, last, t0 = [], float("nan"), time.perf_counter()
-    for step, (ids, mask, labels) in enumerate(_pretraining_batches(tokenizer, spec), start=1):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # mean over scored tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        window.append(loss.item())
-        if step % every == 0 or step == steps:
-            last = sum(window) / len(window)
-            log.info("pretrain step %d/%d: loss %.3f nats/token (%.1f s)", step, steps, last, time.perf_counter() - t0)
-            window = []
-    model.eval()
-    return last
-
-
-def _save_model(model_cls, out_dir: str | os.PathLike, spec: TinyModelSpec, pretrain: bool, **extra) -> Path:
-    """Tokenizer + model (random init, then `_pretrain` if asked) written into out_dir."""
+def _save_model(model_cls, out_dir: str | os.PathLike, spec: TinyModelSpec, **extra) -> Path:
     import torch
 
     out = Path(out_dir)
-    with _torch_threads(BUILD_THREADS):
-        tokenizer = build_tokenizer(out, spec)
-        config = _llama_config(tokenizer, spec, **extra)
-        torch.manual_seed(spec.seed)
-        model = model_cls(config)  # random init in fp32: N(0, init_std) linears, unit norms
-        record = {"spec": asdict(spec), "code_version": CODE_VERSION, "class": model_cls.__name__}
-        if pretrain and spec.pretrain_steps > 0:
-            record["pretrain_loss"] = _pretrain(model, tokenizer, spec)
+    tokenizer = build_tokenizer(out, spec)
+    config = _llama_config(tokenizer, spec, **extra)
+    torch.manual_seed(spec.seed)
+    model = model_cls(config)  # random init, N(0, init_std) linears, unit norms
     model = model.to(getattr(torch, spec.dtype))
     model.config.dtype = spec.dtype
     from transformers.utils import logging as hf_logging
@@ -283,22 +173,24 @@ def _save_model(model_cls, out_dir: str | os.PathLike, spec: TinyModelSpec, pret
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    (out / SPEC_FILE).write_text(json.dumps(record, indent=2))
+    (out / SPEC_FILE).write_text(
+        json.dumps({"spec": asdict(spec), "code_version": CODE_VERSION, "class": model_cls.__name__}, indent=2)
+    )
     return out
 
 
 def build_tiny_policy(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write tokenizer + pretrained LlamaForCausalLM (safetensors) into out_dir."""
+    """Write tokenizer + random-init LlamaForCausalLM (safetensors) into out_dir."""
     from transformers import LlamaForCausalLM
 
-    return _save_model(LlamaForCausalLM, out_dir, spec, pretrain=True)
+    return _save_model(LlamaForCausalLM, out_dir, spec)
 
 
 def build_tiny_reward_model(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Write tokenizer + random-init LlamaForSequenceClassification (one score) into out_dir."""
     from transformers import LlamaForSequenceClassification
 
-    return _save_model(LlamaForSequenceClassification, out_dir, spec, pretrain=False, num_labels=1)
+    return _save_model(LlamaForSequenceClassification, out_dir, spec, num_labels=1)
 
 
 _BUILDERS = {"policy": build_tiny_policy, "reward": build_tiny_reward_model}

@@ -149,34 +149,6 @@ def test_preference_labels_follow_bradley_terry():
     assert 0.75 < expected < 0.95  # varied quality: neither trivial nor pure noise
 
 
-def test_pretraining_text_is_topic_blind_task_words_on_train_prompts():
-    pairs = st.pretraining_pairs(2000, seed=0)
-    assert st.pretraining_lines(2000, seed=0) == [p + c for p, c in pairs]
-    assert st.pretraining_lines(50, seed=0) == st.pretraining_lines(50, seed=0)
-    assert st.pretraining_lines(50, seed=0) != st.pretraining_lines(50, seed=1)
-    train = set(st.prompt_pool("train"))
-    assert all(p in train for p, _ in pairs)
-    assert [p for p, _ in pairs] == st.make_prompts(2000, 0, "train")  # the pool cycled, not resampled
-
-    task_words = set(st.all_task_words())
-    lengths, on_topic = [], 0
-    for prompt, completion in pairs:
-        assert completion.startswith(" ") and completion == " " + " ".join(completion.split())
-        words = st.completion_words(completion)
-        assert set(words) <= task_words and words == completion.split()
-        lengths.append(len(words))
-        on_topic += sum(w in st.TOPICS[st.prompt_topic(prompt)] for w in words)
-    # 6-24 words, uniform: every length occurs, the mean is near 15
-    assert sorted(set(lengths)) == list(range(6, 25))
-    assert abs(np.mean(lengths) - 15) < 0.3
-    # no preference for the prompt's topic: its 25 words are 25 / 314 = 8.0% of the draws
-    assert len(task_words) == 314
-    assert 0.07 < on_topic / sum(lengths) < 0.09
-    # so the text earns about the gold of random task words (0.143), far below 1
-    golds = [gold_reward(p, c) for p, c in pairs]
-    assert 0.12 < np.mean(golds) < 0.17 and max(golds) < 0.6
-
-
 def test_corpus_has_every_word_often_with_a_leading_space():
     text = "\n".join(st.corpus_lines(0))
     for w in st.all_task_words():

@@ -162,7 +162,7 @@ class LearnerGroup:
     def make_experience(self, scored: ScoredRollout) -> dict[str, float]:
         n = len(self.ranks)
         shards = [
-            ScoredRollout(rollout=Rollout.concat([part]), scores=scores)
+            ScoredRollout(rollout=part, scores=scores)
             for part, scores in zip(_shard_rollout(scored.rollout, n), np.split(scored.scores, n))
         ]
         return self._all("make_experience", shards, what="making experience (reference logprobs, values, advantages)")[0]

@@ -58,12 +58,13 @@ def _assert_no_leftovers(marker: str, grace_s: float = 15.0) -> None:
 
 @pytest.mark.timeout(900)
 def test_ppo_run_end_to_end(tmp_path):
-    """A short real run at ZeRO-3 on two learner ranks: metrics, weight sync, checkpoint, clean exit."""
+    """A short real run, two rollout actors and two learner ranks at ZeRO-3: metrics,
+    weight sync into both engines, checkpoint, clean exit."""
     marker = uuid.uuid4().hex
     out = tmp_path / "run"
     result = _launch(
         ["--config", str(CONFIG), "--output-dir", str(out), "run.steps=3", "run.eval_prompts=16",
-         "data.prompts_per_step=16", "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "learner.world_size=2", "learner.zero_stage=3",
+         "data.prompts_per_step=16", "rollout.num_actors=2", "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "learner.world_size=2", "learner.zero_stage=3",
          "sync.bucket_mb=0.25"],
         timeout_s=840, marker=marker,
     )

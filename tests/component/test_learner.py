@@ -90,10 +90,10 @@ def test_logprobs_match_transformers(policy_path):
         _teardown(worker)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_ppo_update_raises_rewarded_token_probability(policy_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, kl_mode", [(2, "reward"), (3, "reward"), (2, "loss")])
+def test_ppo_update_raises_rewarded_token_probability(policy_path, zero_stage, kl_mode):
     rewarded = 77
-    worker = _worker(policy_path, zero_stage=zero_stage, lr=3e-3, ppo_epochs=4, kl_coef=0.0)
+    worker = _worker(policy_path, zero_stage=zero_stage, lr=3e-3, ppo_epochs=4, kl_coef=0.01, kl_mode=kl_mode)
     try:
         prompt = _scored(policy_path, rewarded).rollout.prompt_ids[0].tolist()
         before = worker.sequence_logprobs(prompt, [rewarded])[0]

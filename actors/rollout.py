@@ -344,4 +344,5 @@ class RolloutWorker:
             "tokens_generated": self._tokens_generated,
             "sequences_generated": self._sequences_generated,
             "generate_s_total": self._gen_s_total,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         }

@@ -64,6 +64,8 @@ class DataConfig:
 class RolloutConfig:
     num_actors: int = _f(1, "number of rollout actors, one vLLM engine each", min=1)
     num_cpus_per_actor: float = _f(1.0, "Ray CPUs reserved per rollout actor", gt=0)
+    # vLLM's CPU worker binds its own OpenMP threads; on the 2-core machine this did not change its speed.
+    num_threads: int | None = _f(None, "OMP_NUM_THREADS of each vLLM engine; null follows num_cpus_per_actor", min=1)
     samples_per_prompt: int = _f(1, "completions sampled per prompt (a group, for GRPO/RLOO and variance)", min=1)
     max_new_tokens: int = _f(24, "completion length limit in tokens", min=1)
     temperature: float = _f(1.0, "sampling temperature", gt=0)
@@ -89,6 +91,7 @@ class RewardConfig:
 class LearnerConfig:
     world_size: int = _f(1, "DeepSpeed ranks, one Ray actor each", min=1)
     num_cpus_per_rank: float = _f(1.0, "Ray CPUs reserved per learner rank", gt=0)
+    num_threads: int | None = _f(None, "torch threads per learner rank; null follows num_cpus_per_rank", min=1)
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage", min=0, max=3)
     lr: float = _f(1e-4, "policy learning rate (AdamW)", gt=0)
     critic_lr: float = _f(2e-4, "critic learning rate (AdamW)", gt=0)

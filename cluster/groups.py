@@ -64,6 +64,15 @@ def _node_ip_and_free_port() -> tuple[str, int]:
         return ip, s.getsockname()[1]
 
 
+def _threads_env(num_threads: int | None) -> dict | None:
+    """Ray sets OMP_NUM_THREADS to an actor's num_cpus unless the actor's environment sets it.
+
+    In synchronous mode generation and training never overlap, so each phase
+    may use every core while holding one Ray CPU.
+    """
+    return None if num_threads is None else {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}}
+
+
 def _split(items: list, parts: int) -> list[list]:
     size = len(items) // parts
     return [items[i * size : (i + 1) * size] for i in range(parts)]
@@ -83,7 +92,7 @@ class RolloutGroup:
                 num_cpus=r.num_cpus_per_actor,
                 num_gpus=1 if cfg.run.device == "cuda" else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i),
-                name=None,
+                runtime_env=_threads_env(r.num_threads),
             ).remote(
                 model_path=model_path,
                 actor_rank=i,
@@ -137,6 +146,7 @@ class LearnerGroup:
                 num_cpus=lc.num_cpus_per_rank,
                 num_gpus=1 if cfg.run.device == "cuda" else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i),
+                runtime_env=_threads_env(lc.num_threads),
             ).remote(
                 LearnerSetup(
                     model_path=model_path, rank=i, world_size=lc.world_size, master_addr=addr, master_port=port,

@@ -56,6 +56,9 @@ class LearnerWorker:
         self.rank = setup.rank
         self.step = 0
         torch.manual_seed(setup.seed + setup.rank)
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            # Ray's worker may have started torch with its own thread count.
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         os.environ.update(
             RANK=str(setup.rank),
             WORLD_SIZE=str(setup.world_size),

@@ -56,7 +56,6 @@ from cluster.weight_buckets import HEADER_ABORT, HEADER_DATA, plan_buckets
 ENGINE_NAME = "flywheel_torchdist"
 
 
-
 @dataclass
 class TorchDistInitInfo(WeightTransferInitInfo):
     """How this actor joins the weight-transfer group (learner rank 0 hosts it)."""

@@ -72,7 +72,7 @@ class Services:
         self.sync = WeightSync(cfg, self.learner, self.rollouts)
 
     def _start_reward(self):
-        """Connect to the configured service, or start one on loopback; fail fast if unreachable."""
+        """A client of the configured service, or of one started here on loopback."""
         from reward_service.client import RewardClient
         from reward_service.process import start_reward_server
 
@@ -86,9 +86,10 @@ class Services:
             self._stack.callback(server.stop)
             url = server.url
             log.info("reward service (%s) started at %s", rc.rule or rc.model_path, url)
+        # Reachability is already known: run() checked a configured URL before
+        # building anything, and start_reward_server waited for /health.
         client = RewardClient(url, timeout_s=rc.timeout_s, batch_size=rc.batch_size)
         self._stack.callback(client.close)
-        client.health(timeout_s=rc.timeout_s)  # an unreachable URL fails here, before anything heavy starts
         return client
 
     def _start_ray(self) -> None:

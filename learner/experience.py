@@ -34,6 +34,9 @@ class TokenBatch:
     def select(self, rows: Tensor) -> "TokenBatch":
         return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 @dataclass
 class Experience:

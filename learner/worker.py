@@ -128,8 +128,7 @@ class LearnerWorker:
         """Reference logprobs, values, KL, advantages for this rank's shard; kept for train()."""
         t0 = time.perf_counter()
         tokens, scores, sample_logprobs = tokens_from_scored(shard, self.pad_id)
-        tokens = TokenBatch(*(x.to(self.device) for x in (tokens.input_ids, tokens.attention_mask,
-                                                         tokens.gather_index, tokens.mask, tokens.completion_ids)))
+        tokens = tokens.to(self.device)
         old, ref, values = [], [], []
         for chunk in self._chunks(tokens):
             old.append(policy_forward(self.policy, chunk)[0])
@@ -275,9 +274,7 @@ class LearnerWorker:
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
         """The policy's logprobs (C,) of `completion_ids` after `prompt_ids`; all ranks call it."""
-        tokens = pad_batch([np.asarray(prompt_ids)], [np.asarray(completion_ids)], self.pad_id)
-        tokens = TokenBatch(*(x.to(self.device) for x in (tokens.input_ids, tokens.attention_mask,
-                                                         tokens.gather_index, tokens.mask, tokens.completion_ids)))
+        tokens = pad_batch([np.asarray(prompt_ids)], [np.asarray(completion_ids)], self.pad_id).to(self.device)
         self.policy.eval()
         logprobs, _ = policy_forward(self.policy, tokens)
         return logprobs[0].float().cpu().numpy()

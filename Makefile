@@ -31,6 +31,7 @@ demo: setup
 	$(PY) -m cluster.launch --config $(DEMO_CONFIG) --output-dir $(DEMO_DIR)
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-venv:

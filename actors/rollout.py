@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from cluster.records import PromptBatch, Rollout, WeightSyncMeta
+from flywheel.records import PromptBatch, Rollout, WeightSyncMeta
 
 FINISH_REASONS = ("stop", "length")
 
@@ -48,11 +48,13 @@ class RolloutWorker:
         kv_cache_gib: float = 1.0,
         gpu_memory_utilization: float = 0.4,
         device: str = "cpu",
-        logprobs_mode: str = "raw_logprobs",
+        logprobs_mode: str = "processed_logprobs",
     ):
-        """`logprobs_mode`: vLLM's "raw_logprobs" (default) reports the model's own
-        log-softmax, ignoring temperature and top_p, which is what the learner
-        recomputes; "processed_logprobs" reports the sampling distribution."""
+        """`logprobs_mode`: vLLM's "processed_logprobs" (default) reports the
+        logprob of each sampled token under the distribution it was drawn from
+        (after temperature, top-k and top-p), which is what the learner
+        recomputes (`learner.sampling`); "raw_logprobs" reports the model's own
+        log-softmax, ignoring the sampling settings."""
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {dtype!r}")
         if device not in ("cpu", "cuda"):
@@ -106,36 +108,47 @@ class RolloutWorker:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        top_k: int = 0,
         n: int = 1,
-        seed: int | None = None,
     ) -> Rollout:
         """Sample `n` completions per prompt; sequence i*n + j is prompt i's j-th.
 
         `logprobs[k][t]` is the logprob of the sampled token t of sequence k
-        under the engine's current weights (see `logprobs_mode`).  A `seed`
-        makes the call reproducible; None uses the engine's seeded stream.
+        under the engine's current weights (see `logprobs_mode`).  With
+        `batch.seeds` (B, n) every sample draws from its own seeded stream, so
+        the call is reproducible; without, the engine's seeded stream is used.
+        `top_k` 0 disables top-k.
         """
         from vllm import SamplingParams
 
         self._check_consistent()
         self._check_prompt_lengths(batch.prompt_ids, max_new_tokens)
-        # One seed per request: a seed shared by every request of a batch gives
-        # each the same random stream, hence near-identical samples.
-        params = [
-            SamplingParams(
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_new_tokens,
-                seed=None if seed is None else seed * 1_000_003 + i,
-                logprobs=0,  # 0 extra candidates: just the sampled token's logprob
-                # Decoded once below: vLLM's incremental detokenizer drops a trailing
-                # partial UTF-8 character, so its text would not be decode(ids).
-                detokenize=False,
+        seeds = batch.seeds
+        if seeds is not None and tuple(seeds.shape) != (len(batch.prompt_ids), n):
+            raise ValueError(
+                f"PromptBatch.seeds has shape {tuple(seeds.shape)}, expected "
+                f"({len(batch.prompt_ids)}, {n}): one seed per prompt and sample"
             )
-            for i in range(len(batch.prompt_ids))
-        ]
-        prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in batch.prompt_ids]
+        # One request per sample, each with its own seed: vLLM derives the
+        # streams of an n-sample request from one seed, so neighbouring
+        # requests' seeds would replay each other's samples shifted by one.
+        params, prompts = [], []
+        for i, ids in enumerate(batch.prompt_ids):
+            prompt = {"prompt_token_ids": [int(t) for t in ids]}
+            for j in range(n):
+                params.append(SamplingParams(
+                    n=1,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    max_tokens=max_new_tokens,
+                    seed=None if seeds is None else int(seeds[i, j]),
+                    logprobs=0,  # 0 extra candidates: just the sampled token's logprob
+                    # Decoded once below: vLLM's incremental detokenizer drops a trailing
+                    # partial UTF-8 character, so its text would not be decode(ids).
+                    detokenize=False,
+                ))
+                prompts.append(prompt)
         t0 = time.perf_counter()
         outputs = self._llm.generate(prompts, params, use_tqdm=False)
         gen_s = time.perf_counter() - t0
@@ -145,8 +158,9 @@ class RolloutWorker:
             finish_reasons=[], policy_version=self._policy_version, gen_s=gen_s,
             actor_rank=self.actor_rank,
         )
-        for i, out in enumerate(outputs):
-            for completion in sorted(out.outputs, key=lambda c: c.index):
+        for k, out in enumerate(outputs):
+            i = k // n
+            for completion in out.outputs:
                 ids = np.asarray(completion.token_ids, dtype=np.int32)
                 if completion.finish_reason not in FINISH_REASONS:
                     raise RuntimeError(
@@ -223,9 +237,6 @@ class RolloutWorker:
 
     @property
     def policy_version(self) -> int:
-        return self._policy_version
-
-    def get_policy_version(self) -> int:
         return self._policy_version
 
     def init_weight_transfer(

@@ -21,7 +21,7 @@ backend is a field of its init info:
   each actor's GPU must be distinct devices (NCCL refuses two ranks on one GPU).
 
 The wire protocol (verdict, [header, bucket]*, DONE/ABORT, ack) is described in
-`learner/weight_sync.py`; the bucket layout in `cluster/weight_buckets.py`.
+`learner/weight_sync.py`; the bucket layout in `flywheel/weight_buckets.py`.
 Received tensors go through `model.load_weights` inside vLLM's layerwise reload
 (`initialize_layerwise_reload` / `finalize_layerwise_reload`), which takes
 Hugging Face names, fuses q/k/v and gate/up itself, and re-runs the CPU
@@ -48,8 +48,9 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from cluster.records import WeightSpec, WeightSyncMeta
-from cluster.weight_buckets import HEADER_ABORT, HEADER_DATA, plan_buckets
+from flywheel.collectives import broadcast_from_0, max_all_ranks
+from flywheel.records import WeightSpec, WeightSyncMeta
+from flywheel.weight_buckets import HEADER_ABORT, HEADER_DATA, plan_buckets
 
 # Name under which the engine is registered with vLLM's factory; pass it as
 # `weight_transfer_config={"backend": ENGINE_NAME}` when building the LLM.
@@ -179,7 +180,7 @@ class TorchDistWeightTransferEngine(
                 raise RuntimeError(
                     f"weight-sync protocol mismatch at bucket {number}: got header "
                     f"({code}, {nbytes}), expected ({HEADER_DATA}, {bucket.nbytes}); the "
-                    "learner and the actors run different versions of cluster/weight_buckets.py"
+                    "learner and the actors run different versions of flywheel/weight_buckets.py"
                 )
             payload = torch.empty(nbytes, dtype=torch.uint8, device=self.buffer_device)
             self._broadcast(payload)
@@ -213,21 +214,10 @@ class TorchDistWeightTransferEngine(
             ) from load_error
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
-        from torch.distributed import BroadcastOptions
-
-        opts = BroadcastOptions()
-        opts.rootRank = 0
-        opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        broadcast_from_0(self.pg, tensor, self.buffer_device)
 
     def _max_all_ranks(self, value: int) -> int:
-        from torch.distributed import AllreduceOptions, ReduceOp
-
-        t = torch.tensor([value], dtype=torch.int64, device=self.buffer_device)
-        opts = AllreduceOptions()
-        opts.reduceOp = ReduceOp.MAX
-        self.pg.allreduce([t], opts).wait()
-        return int(t.item())
+        return max_all_ranks(self.pg, value, self.buffer_device)
 
     def shutdown(self) -> None:
         if self.pg is not None:

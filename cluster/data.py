@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import ConfigError, FlywheelConfig
-from cluster.records import PromptBatch
+from flywheel.records import PromptBatch
 
 
 class PromptStream:
@@ -38,16 +38,15 @@ class PromptStream:
             self.order.extend(self.rng.permutation(len(self.prompts)).tolist())
             self.epoch += 1
         rows, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
-        return PromptBatch(prompts=[self.prompts[i] for i in rows], prompt_ids=[self.ids[i] for i in rows],
-                           index=np.asarray(rows))
+        return PromptBatch(prompts=[self.prompts[i] for i in rows], prompt_ids=[self.ids[i] for i in rows])
 
     def all_batch(self) -> PromptBatch:
-        return PromptBatch(prompts=list(self.prompts), prompt_ids=list(self.ids), index=np.arange(len(self.prompts)))
+        return PromptBatch(prompts=list(self.prompts), prompt_ids=list(self.ids))
 
 
 def load_prompt_sets(cfg: FlywheelConfig, tokenizer, data_dir: Path) -> tuple[PromptStream, PromptStream | None]:
     """Training prompts and held-out eval prompts (eval only for the synthetic task)."""
-    from cluster import synthetic_task
+    from flywheel import synthetic_task
 
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
     eval_stream = None

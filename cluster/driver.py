@@ -20,15 +20,17 @@ import logging
 import os
 import time
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cluster.config import FlywheelConfig
+from cluster.config import FlywheelConfig, advisories
 from cluster.data import PromptStream, load_prompt_sets
 from cluster.metrics import MetricsWriter
-from cluster.records import ScoredRollout
+from flywheel.records import ExperienceStats, PromptBatch, ScoredRollout, TrainStats
+from flywheel.seeds import sample_seeds
 
 log = logging.getLogger("flywheel.driver")
 
@@ -36,8 +38,8 @@ log = logging.getLogger("flywheel.driver")
 class Services:
     """Reward service, Ray, placement group, rollout actors, learner ranks, weight sync."""
 
-    def __init__(self, cfg: FlywheelConfig, model_path: str, out_dir: Path):
-        self.cfg, self.model_path, self.out_dir = cfg, model_path, out_dir
+    def __init__(self, cfg: FlywheelConfig, model_path: str, dtype: str, out_dir: Path):
+        self.cfg, self.model_path, self.dtype, self.out_dir = cfg, model_path, dtype, out_dir
         self._stack = ExitStack()
 
     def __enter__(self) -> "Services":
@@ -55,19 +57,19 @@ class Services:
         cfg = self.cfg
         self.reward = self._start_reward()
         self._start_ray()
-        from cluster.groups import LearnerGroup, RolloutGroup, WeightSync, make_placement_group
+        from cluster.groups import LearnerGroup, RolloutGroup, WeightSync, kill_actors, make_placement_group
 
         import ray
 
         pg = make_placement_group(cfg)
         self._stack.callback(ray.util.remove_placement_group, pg)
         t0 = time.perf_counter()
-        self.rollouts = RolloutGroup(cfg, self.model_path, pg, first_bundle=0)
-        self._stack.callback(_kill_all, self.rollouts.actors)
+        self.rollouts = RolloutGroup(cfg, self.model_path, self.dtype, pg, first_bundle=0)
+        self._stack.callback(kill_actors, self.rollouts.actors)
         log.info("%d rollout actor(s) up in %.1f s", len(self.rollouts.actors), time.perf_counter() - t0)
         t0 = time.perf_counter()
-        self.learner = LearnerGroup(cfg, self.model_path, pg, first_bundle=cfg.rollout.num_actors)
-        self._stack.callback(_kill_all, self.learner.ranks)
+        self.learner = LearnerGroup(cfg, self.model_path, self.dtype, pg, first_bundle=cfg.rollout.num_actors)
+        self._stack.callback(self.learner.shutdown)
         log.info("%d learner rank(s) up in %.1f s", len(self.learner.ranks), time.perf_counter() - t0)
         self.sync = WeightSync(cfg, self.learner, self.rollouts)
 
@@ -78,13 +80,14 @@ class Services:
 
         rc = self.cfg.reward
         url = rc.url
+        self.reward_log = None
         if url is None:
             server = start_reward_server(
                 rule=rc.rule, model_path=rc.model_path, port=rc.port, start_timeout_s=rc.start_timeout_s,
                 log_path=str(self.out_dir / "reward_service.log"),
             )
             self._stack.callback(server.stop)
-            url = server.url
+            url, self.reward_log = server.url, Path(server.log_path)
             log.info("reward service (%s) started at %s", rc.rule or rc.model_path, url)
         # Reachability is already known: run() checked a configured URL before
         # building anything, and start_reward_server waited for /health.
@@ -113,16 +116,6 @@ class Services:
         self._stack.callback(ray.shutdown)
 
 
-def _kill_all(actors: list) -> None:
-    import ray
-
-    for actor in actors:
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:  # already gone: nothing to stop
-            pass
-
-
 def _check_reward_reachable(cfg: FlywheelConfig) -> None:
     from reward_service.client import RewardClient
 
@@ -133,65 +126,108 @@ def _check_reward_reachable(cfg: FlywheelConfig) -> None:
 def _resolve_model(cfg: FlywheelConfig) -> str:
     if cfg.model.path is not None:
         return cfg.model.path
-    from cluster.tiny_model import ensure_embedded_model
+    from flywheel.tiny_model import ensure_embedded_model
 
     return str(ensure_embedded_model("policy"))
 
 
-def evaluate_gold(services: Services, stream: PromptStream | None, seed: int) -> dict[str, float]:
-    """Mean gold reward of the current policy on the held-out prompts (synthetic task only)."""
+class RunError(RuntimeError):
+    """The run stopped for a reason it names (bad scores, a failed sync check); printed without a traceback."""
+
+
+def with_seeds(batch: PromptBatch, cfg: FlywheelConfig, step: int, stream: str = "train") -> PromptBatch:
+    """The batch with one sampling seed per (prompt, sample) of this step."""
+    batch.seeds = sample_seeds(cfg.run.seed, step, len(batch), cfg.rollout.samples_per_prompt, stream)
+    return batch
+
+
+def check_scores(scored: ScoredRollout, url: str, log_path: Path | None) -> None:
+    """Stop the step before a NaN or missing score reaches the advantages, the optimiser and vLLM."""
+    bad = np.flatnonzero(~np.isfinite(scored.scores))
+    if not len(bad):
+        return
+    r, i = scored.rollout, int(bad[0])
+    where = f"; its log is {log_path}" if log_path else ""
+    raise RunError(
+        f"the reward service at {url} returned no finite score for {len(bad)} of {len(scored.scores)} samples "
+        f"(rows {bad[:10].tolist()}; row {i}: prompt {r.prompts[i][:80]!r}, completion {r.completions[i][:80]!r} "
+        f"scored {scored.scores[i]}). Nothing was trained on this step. Fix the scorer{where}"
+    )
+
+
+def evaluate_gold(services: Services, stream: PromptStream | None, cfg: FlywheelConfig) -> dict[str, float]:
+    """Mean gold reward of the current policy on the held-out prompts (synthetic task only).
+
+    Every evaluation uses the same seeds, so before and after differ only by the policy.
+    """
     if stream is None:
         return {}
-    from cluster.synthetic_task import gold_rewards
+    from flywheel.synthetic_task import gold_rewards
 
-    rollout = services.rollouts.generate(stream.all_batch(), seed=seed)
+    batch = with_seeds(stream.all_batch(), cfg, step=0, stream="eval")
+    rollout = services.rollouts.generate(batch)
     gold = gold_rewards(rollout.prompts, rollout.completions)
     return {"eval_gold_reward": float(gold.mean()), "eval_gold_reward_std": float(gold.std()),
-            "eval_prompts": len(gold)}
+            "eval_prompts": len(batch), "eval_samples": len(gold)}
 
 
 class SyncProbe:
-    """A fixed token sequence whose logprobs are read from vLLM and the learner around each sync."""
+    """A fixed token sequence whose logprobs are read from every actor and the learner around each sync."""
 
-    def __init__(self, prompt_ids: np.ndarray, completion_ids: np.ndarray):
-        self.prompt_ids = [int(x) for x in prompt_ids]
-        self.completion_ids = [int(x) for x in completion_ids]
+    def __init__(self, prompt_ids: np.ndarray, completion_ids: np.ndarray, max_model_len: int, tolerance: float):
+        # vLLM scores a sequence as a prompt that must leave room for one generated token.
+        budget = max_model_len - 1
+        completion = [int(x) for x in completion_ids][: max(1, budget - len(prompt_ids))]
+        self.prompt_ids = [int(x) for x in prompt_ids][-(budget - len(completion)) :]
+        self.completion_ids = completion
+        self.tolerance = tolerance
 
-    def before(self, services: Services) -> np.ndarray:
+    def before(self, services: Services) -> list[np.ndarray]:
         return services.rollouts.sequence_logprobs(self.prompt_ids, self.completion_ids)
 
-    def after(self, services: Services, before: np.ndarray) -> dict[str, float]:
-        vllm = services.rollouts.sequence_logprobs(self.prompt_ids, self.completion_ids)
+    def after(self, services: Services, before: list[np.ndarray]) -> dict[str, float]:
+        """Errors against the learner (each actor must be within tolerance) and shifts from before."""
+        actors = services.rollouts.sequence_logprobs(self.prompt_ids, self.completion_ids)
         learner = services.learner.sequence_logprobs(self.prompt_ids, self.completion_ids)
+        errors = [float(np.abs(v - learner).max()) for v in actors]
+        worst = int(np.argmax(errors))
+        if errors[worst] > self.tolerance:
+            raise RunError(
+                f"weight sync check failed: rollout actor {worst}'s logprobs of the probe sequence differ from "
+                f"the learner's by {errors[worst]:.4g}, above sync.check_tolerance={self.tolerance:g} (all actors: "
+                f"{[round(e, 5) for e in errors]}); the actor is not generating with the learner's weights"
+            )
         return {
-            "sync_logprob_err": float(np.abs(vllm - learner).max()),  # vLLM vs learner after the sync
-            "sync_logprob_shift": float(np.abs(vllm - before).max()),  # vLLM before vs after the sync
+            "sync_logprob_err": max(errors),  # the worst actor against the learner, after the sync
+            "sync_logprob_shift": min(float(np.abs(v - b).max()) for v, b in zip(actors, before)),  # least moved actor
         }
 
 
-def step_record(step: int, scored: ScoredRollout, exp: dict, train: dict, sync_s: float, gen_s: float,
-                gold: np.ndarray | None) -> dict[str, Any]:
+def sync_tolerance(cfg: FlywheelConfig, dtype: str) -> float:
+    if cfg.sync.check_tolerance is not None:
+        return cfg.sync.check_tolerance
+    return 0.1 if dtype == "bfloat16" else 0.002
+
+
+def step_record(step: int, scored: ScoredRollout, exp: ExperienceStats, train: TrainStats, sync_s: float,
+                gen_s: float, gold: np.ndarray | None) -> dict[str, Any]:
     rollout = scored.rollout
     record: dict[str, Any] = {
         "step": step,
         "policy_version": rollout.policy_version,
-        "reward_mean": exp["reward_mean"],
-        "score_mean": float(np.mean(scored.scores)),
-        "kl": exp["kl"],
-        "policy_loss": train["policy_loss"],
-        "value_loss": train["value_loss"],
         "rollout_tokens": rollout.num_tokens,
         "rollout_tokens_per_s": rollout.num_tokens / max(gen_s, 1e-9),
         "gen_s": gen_s,
         "score_s": scored.score_s,
-        "train_s": train["train_s"] + exp["make_experience_s"],
         "sync_s": sync_s,
         "stop_fraction": float(np.mean([r == "stop" for r in rollout.finish_reasons])),
+        **asdict(exp),
+        **asdict(train),
     }
+    # The learner's share of the step: making experience plus the update.
+    record["train_s"] = train.train_s + exp.make_experience_s
     if gold is not None:
         record["gold_reward_mean"] = float(gold.mean())
-    record.update({k: v for k, v in exp.items() if k not in record})
-    record.update({k: v for k, v in train.items() if k not in record})
     return record
 
 
@@ -201,6 +237,9 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     t_start = time.perf_counter()
+    for note in advisories(cfg):
+        log.warning("config: %s", note)
+    machine, precision = _describe_machine(cfg)
     if cfg.reward.url is not None:
         _check_reward_reachable(cfg)  # fail in seconds, before building or starting anything
     model_path = _resolve_model(cfg)
@@ -210,30 +249,33 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     prompts, eval_prompts = load_prompt_sets(cfg, tokenizer, out_dir / "data")
     synthetic = cfg.data.prompts_path is None  # the gold reward exists only for the synthetic task
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
-    summary: dict[str, Any] = {"model_path": model_path, "steps": cfg.run.steps}
-    with Services(cfg, model_path, out_dir) as services:
+    summary: dict[str, Any] = {"model_path": model_path, "steps": cfg.run.steps, "dtype": precision.dtype,
+                               "dtype_reason": precision.reason, "machine": machine}
+    with Services(cfg, model_path, precision.dtype, out_dir) as services:
         summary["startup_s"] = time.perf_counter() - t_start
-        summary["before"] = evaluate_gold(services, eval_prompts, seed=cfg.run.seed + 10_000)
+        summary["before"] = evaluate_gold(services, eval_prompts, cfg)
         log.info("before training: %s", summary["before"])
         probe = None
         for step in range(cfg.run.steps):
-            batch = prompts.next_batch()
+            batch = with_seeds(prompts.next_batch(), cfg, step)
             t0 = time.perf_counter()
-            rollout = services.rollouts.generate(batch, seed=cfg.run.seed * 1_000_003 + step)
+            rollout = services.rollouts.generate(batch)
             gen_s = time.perf_counter() - t0
             scored = services.reward.score_rollout(rollout)
+            check_scores(scored, services.reward.url, services.reward_log)
             gold = _gold(rollout) if synthetic else None
             exp_stats = services.learner.make_experience(scored)
             train_stats = services.learner.train()
             if probe is None and cfg.run.check_sync:
-                probe = SyncProbe(rollout.prompt_ids[0], rollout.completion_ids[0])
+                probe = SyncProbe(rollout.prompt_ids[0], rollout.completion_ids[0], cfg.model.max_model_len,
+                                  sync_tolerance(cfg, precision.dtype))
             before = probe.before(services) if probe else None
             sync_s = services.sync.push(version=step + 1)
             record = step_record(step, scored, exp_stats, train_stats, sync_s, gen_s, gold)
             if probe:
                 record.update(probe.after(services, before))
             metrics.log(record)
-        summary["after"] = evaluate_gold(services, eval_prompts, seed=cfg.run.seed + 10_000)
+        summary["after"] = evaluate_gold(services, eval_prompts, cfg)
         log.info("after training: %s", summary["after"])
         if cfg.run.save_final:
             summary["final_checkpoint"] = services.learner.save_hf(str((out_dir / "final").resolve()))
@@ -243,7 +285,21 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     return summary
 
 
+def _describe_machine(cfg: FlywheelConfig):
+    """Log the machine in one line and choose the dtype for it."""
+    from cluster.doctor import machine_report, one_line
+    from flywheel.hardware import resolve_dtype
+
+    precision = resolve_dtype(cfg.model.dtype, cfg.run.device)
+    if precision.warning:
+        log.warning("%s", precision.warning)
+    machine = machine_report()
+    log.info("machine: %s", one_line(machine))
+    log.info("dtype %s (model.dtype=%s): %s", precision.dtype, cfg.model.dtype, precision.reason)
+    return machine, precision
+
+
 def _gold(rollout) -> np.ndarray:
-    from cluster.synthetic_task import gold_rewards
+    from flywheel.synthetic_task import gold_rewards
 
     return gold_rewards(rollout.prompts, rollout.completions)

@@ -25,7 +25,6 @@ timeouts and dead actors into errors that say which call and what to do.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import Any
 
@@ -35,7 +34,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import FlywheelConfig
-from cluster.records import PromptBatch, Rollout, ScoredRollout, WeightSyncMeta
+from flywheel.net import free_port
+from flywheel.records import (
+    ExperienceStats, PromptBatch, Rollout, SamplingSettings, ScoredRollout, TrainStats, WeightSyncMeta,
+)
 
 log = logging.getLogger("flywheel.cluster")
 
@@ -59,9 +61,7 @@ def wait(refs: list, timeout_s: float, what: str) -> list:
 
 def _node_ip_and_free_port() -> tuple[str, int]:
     ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ip, s.getsockname()[1]
+    return ip, free_port("")
 
 
 def _threads_env(num_threads: int | None) -> dict | None:
@@ -73,15 +73,10 @@ def _threads_env(num_threads: int | None) -> dict | None:
     return None if num_threads is None else {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}}
 
 
-def _split(items: list, parts: int) -> list[list]:
-    size = len(items) // parts
-    return [items[i * size : (i + 1) * size] for i in range(parts)]
-
-
 class RolloutGroup:
     """The rollout actors: fan a prompt batch out, gather one Rollout."""
 
-    def __init__(self, cfg: FlywheelConfig, model_path: str, pg, first_bundle: int):
+    def __init__(self, cfg: FlywheelConfig, model_path: str, dtype: str, pg, first_bundle: int):
         from actors.rollout import RolloutWorker
 
         self.cfg = cfg
@@ -96,7 +91,7 @@ class RolloutGroup:
             ).remote(
                 model_path=model_path,
                 actor_rank=i,
-                dtype=cfg.model.dtype,
+                dtype=dtype,
                 max_model_len=cfg.model.max_model_len,
                 seed=cfg.run.seed + i,
                 enforce_eager=r.enforce_eager,
@@ -108,16 +103,15 @@ class RolloutGroup:
         ]
         wait([a.health.remote() for a in self.actors], r.start_timeout_s, "starting the rollout actors' vLLM engines")
 
-    def generate(self, batch: PromptBatch, seed: int | None = None) -> Rollout:
-        r, n = self.cfg.rollout, len(self.actors)
-        parts = [
-            PromptBatch(prompts=p, prompt_ids=ids)
-            for p, ids in zip(_split(batch.prompts, n), _split(batch.prompt_ids, n))
-        ]
+    def generate(self, batch: PromptBatch) -> Rollout:
+        """Split the prompts as evenly as possible over the actors; one Rollout in prompt order."""
+        r = self.cfg.rollout
+        parts = batch.split(len(self.actors))
         refs = [
-            actor.generate.remote(part, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                  top_p=r.top_p, n=r.samples_per_prompt, seed=None if seed is None else seed + i)
-            for i, (actor, part) in enumerate(zip(self.actors, parts))
+            actor.generate.remote(part, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                  top_k=r.top_k, n=r.samples_per_prompt)
+            for actor, part in zip(self.actors, parts)
+            if len(part)
         ]
         t0 = time.perf_counter()
         rollouts = wait(refs, self.cfg.run.step_timeout_s, "generating rollouts")
@@ -125,15 +119,16 @@ class RolloutGroup:
         out.gen_s = time.perf_counter() - t0
         return out
 
-    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
-        ref = self.actors[0].score_sequence_logprobs.remote(prompt_ids, completion_ids)
-        return wait([ref], self.cfg.run.step_timeout_s, "vLLM logprobs of the probe sequence")[0]
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[np.ndarray]:
+        """Each actor's logprobs (C,) of the sequence, in actor order."""
+        refs = [a.score_sequence_logprobs.remote(prompt_ids, completion_ids) for a in self.actors]
+        return wait(refs, self.cfg.run.step_timeout_s, "vLLM logprobs of the probe sequence")
 
 
 class LearnerGroup:
     """The learner ranks: every call goes to all ranks, rank 0's answer is returned."""
 
-    def __init__(self, cfg: FlywheelConfig, model_path: str, pg, first_bundle: int):
+    def __init__(self, cfg: FlywheelConfig, model_path: str, dtype: str, pg, first_bundle: int):
         from learner.worker import LearnerSetup, LearnerWorker
 
         self.cfg = cfg
@@ -150,14 +145,14 @@ class LearnerGroup:
             ).remote(
                 LearnerSetup(
                     model_path=model_path, rank=i, world_size=lc.world_size, master_addr=addr, master_port=port,
-                    device=cfg.run.device, dtype=cfg.model.dtype, zero_stage=lc.zero_stage, seed=cfg.run.seed,
-                    dist_timeout_s=cfg.run.step_timeout_s,
+                    device=cfg.run.device, dtype=dtype, zero_stage=lc.zero_stage, seed=cfg.run.seed,
+                    dist_timeout_s=cfg.run.step_timeout_s, sampling=sampling_settings(cfg),
                 ),
                 lc,
             )
             for i in range(lc.world_size)
         ]
-        self.master_addr = addr
+        self.master_addr, self.master_port = addr, port
         wait([r.weight_specs.remote() for r in self.ranks], cfg.run.step_timeout_s, "starting the DeepSpeed learner")
 
     def address_and_free_port(self) -> tuple[str, int]:
@@ -169,15 +164,13 @@ class LearnerGroup:
         refs = [getattr(rank, method).remote(*(a[i] for a in args_per_rank)) for i, rank in enumerate(self.ranks)]
         return wait(refs, timeout_s or self.cfg.run.step_timeout_s, what or f"learner.{method}")
 
-    def make_experience(self, scored: ScoredRollout) -> dict[str, float]:
-        n = len(self.ranks)
-        shards = [
-            ScoredRollout(rollout=part, scores=scores)
-            for part, scores in zip(_shard_rollout(scored.rollout, n), np.split(scored.scores, n))
-        ]
-        return self._all("make_experience", shards, what="making experience (reference logprobs, values, advantages)")[0]
+    def make_experience(self, scored: ScoredRollout) -> ExperienceStats:
+        """Every rank gets the whole step (one object in Ray's store) and computes its share."""
+        ref = ray.put(scored)
+        return self._all("make_experience", [ref] * len(self.ranks),
+                         what="making experience (reference logprobs, values, advantages)")[0]
 
-    def train(self) -> dict[str, float]:
+    def train(self) -> TrainStats:
         return self._all("train", what="the PPO update")[0]
 
     def weight_specs(self):
@@ -190,15 +183,33 @@ class LearnerGroup:
     def save_hf(self, out_dir: str) -> str:
         return self._all("save_hf", [out_dir] * len(self.ranks), what="saving the final checkpoint")[0]
 
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Ask every rank to leave its groups and free its shared memory, then stop them all.
 
-def _shard_rollout(rollout: Rollout, parts: int) -> list[Rollout]:
-    fields = ("prompts", "prompt_ids", "completions", "completion_ids", "logprobs", "finish_reasons")
-    split = {f: _split(getattr(rollout, f), parts) for f in fields}
-    return [
-        Rollout(**{f: split[f][i] for f in fields}, policy_version=rollout.policy_version, gen_s=rollout.gen_s,
-                actor_rank=rollout.actor_rank)
-        for i in range(parts)
-    ]
+        A rank that is dead or stuck is killed anyway, and the group's
+        shared-memory buffers on this node are removed on its behalf.
+        """
+        from learner.worker import remove_shm
+
+        try:
+            ray.get([r.shutdown.remote() for r in self.ranks], timeout=timeout_s)
+        except Exception as exc:  # a dead or hung rank: killing it below is all that is left
+            log.warning("learner shutdown incomplete (%s); killing the ranks", exc.__class__.__name__)
+        kill_actors(self.ranks)
+        remove_shm(self.master_addr, self.master_port)
+
+
+def sampling_settings(cfg: FlywheelConfig) -> SamplingSettings:
+    r = cfg.rollout
+    return SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+
+
+def kill_actors(actors: list) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone: nothing to stop
+            pass
 
 
 class WeightSync:

@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         print("flywheel: interrupted; every started process was stopped", file=sys.stderr)
         return 130
     except Exception as exc:  # the run failed: say why in one paragraph
+        from cluster.driver import RunError
         from cluster.groups import RemoteCallError
         from reward_service.client import RewardServiceError
 
         # Errors we raise ourselves already say what to do; anything else gets its traceback.
-        if not isinstance(exc, (RewardServiceError, RemoteCallError)):
+        if not isinstance(exc, (RewardServiceError, RemoteCallError, RunError)):
             traceback.print_exc(file=sys.stderr)
         print(f"flywheel: run failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cluster.records import ScoredRollout
+from flywheel.records import SamplingSettings, ScoredRollout
 from learner.losses import entropy_from_logits, logprobs_from_logits
+from learner.sampling import sampling_logits
 
 
 @dataclass
@@ -97,8 +98,18 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def policy_forward(model: torch.nn.Module, tokens: TokenBatch, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per-token logprobs (B, T) of the completion tokens, and optionally entropy (B, T)."""
+def policy_forward(
+    model: torch.nn.Module,
+    tokens: TokenBatch,
+    sampling: SamplingSettings | None = None,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token logprobs (B, T) of the completion tokens, and optionally entropy (B, T).
+
+    With `sampling`, both are of the distribution the rollout actors sampled
+    from (temperature, top-k, top-p applied to the logits as vLLM does);
+    without, of the model's own softmax.
+    """
     logits = model(
         input_ids=tokens.input_ids,
         attention_mask=tokens.attention_mask,
@@ -107,6 +118,9 @@ def policy_forward(model: torch.nn.Module, tokens: TokenBatch, with_entropy: boo
     ).logits
     index = tokens.gather_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     picked = torch.gather(logits, 1, index)  # (B, T, V): logits predicting each completion token
+    if sampling is not None:
+        picked = sampling_logits(picked, sampling.temperature, sampling.top_k, sampling.top_p,
+                                 keep=tokens.completion_ids)
     logprobs = logprobs_from_logits(picked, tokens.completion_ids)
     entropy = entropy_from_logits(picked.float()) if with_entropy else None
     return logprobs, entropy

@@ -63,6 +63,15 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 # with log r = ref_logprobs - logprobs, k1 = -log r (unbiased, can be negative),
 # k2 = (log r)^2 / 2 (biased, low variance), k3 = (r - 1) - log r (unbiased,
 # never negative, low variance). All map (B, T), (B, T) -> (B, T).
+#
+# In the reward (kl_mode=reward) only the value matters, and k1 is unbiased.
+# As a loss (kl_mode=loss) the gradient matters, taken on tokens the policy
+# sampled: grad k1 = grad log pi has expectation 0, so k1 does nothing; grad k2
+# = (log pi - log ref) grad log pi has expectation grad KL(pi || ref), the
+# penalty we want; grad k3 = (1 - ref/pi) grad log pi has expectation
+# grad KL(ref || pi), the reverse divergence (used by GRPO). The config
+# therefore rejects k1 in the loss and points to k2
+# (tests/unit/test_losses.py works the three out on a 3-token example).
 
 
 def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ and every rank must call its init at the same time.
 
 One update, in order (the receiving half is `actors/weight_receiver.py`):
   0. the driver hands the same `WeightSyncMeta` to the sender and every actor
-     (over Ray); the byte layout follows from it (`cluster/weight_buckets.py`);
+     (over Ray); the byte layout follows from it (`flywheel/weight_buckets.py`);
   1. verdict: all_reduce(MAX) of one int64 — each actor contributes 1 if it
      rejects the meta (unknown name, wrong shape or dtype), so nobody starts
      a transfer that someone will not finish;
@@ -35,8 +35,9 @@ import torch
 from torch.distributed import PrefixStore, ProcessGroup
 from torch.distributed.rendezvous import rendezvous
 
-from cluster.records import WeightSpec, WeightSyncMeta
-from cluster.weight_buckets import HEADER_ABORT, HEADER_DATA, HEADER_DONE, Bucket, plan_buckets
+from flywheel.collectives import broadcast_from_0, group_device, max_all_ranks
+from flywheel.records import WeightSpec, WeightSyncMeta
+from flywheel.weight_buckets import HEADER_ABORT, HEADER_DATA, HEADER_DONE, Bucket, plan_buckets
 
 
 T = TypeVar("T")
@@ -88,37 +89,6 @@ def init_stateless_group(
     return pg
 
 
-def group_device(backend: str) -> torch.device:
-    """Where the buffers of a collective on this backend must live."""
-    return torch.device("cuda") if backend == "nccl" else torch.device("cpu")
-
-
-def broadcast_(pg: ProcessGroup, tensor: torch.Tensor) -> None:
-    """In-place broadcast from group rank 0 (a stateless group has no global
-    ranks, so call the group directly rather than torch.distributed.broadcast)."""
-    pg.broadcast([tensor], _broadcast_opts()).wait()
-
-
-def max_all_ranks(pg: ProcessGroup, value: int, device: torch.device) -> int:
-    """The maximum of `value` over the group (the verdict and ack steps)."""
-    from torch.distributed import AllreduceOptions, ReduceOp
-
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    opts = AllreduceOptions()
-    opts.reduceOp = ReduceOp.MAX
-    pg.allreduce([t], opts).wait()
-    return int(t.item())
-
-
-def _broadcast_opts():
-    from torch.distributed import BroadcastOptions
-
-    opts = BroadcastOptions()
-    opts.rootRank = 0
-    opts.rootTensor = 0
-    return opts
-
-
 def dtype_name(dtype: torch.dtype | str) -> str:
     """'torch.bfloat16' or torch.bfloat16 -> 'bfloat16' (the WeightSpec form)."""
     return str(dtype).removeprefix("torch.")
@@ -133,7 +103,7 @@ def _or_abort(pg: ProcessGroup, header: torch.Tensor, tensors: Iterator, produce
         return produce()
     except Exception:
         header.copy_(torch.tensor([HEADER_ABORT, 0]))
-        broadcast_(pg, header)
+        broadcast_from_0(pg, header, header.device)
         _drain(tensors)
         raise
 
@@ -162,10 +132,6 @@ class WeightSender:
     """Learner rank 0's end of the weight-transfer group."""
 
     def __init__(self, backend: str):
-        if backend not in ("gloo", "nccl"):
-            raise ValueError(
-                f"weight-transfer backend must be 'gloo' (CPU) or 'nccl' (GPU), got {backend!r}"
-            )
         self.backend = backend
         self.device = group_device(backend)
         self._pg: ProcessGroup | None = None
@@ -226,11 +192,11 @@ class WeightSender:
         for bucket in plan_buckets(meta.specs, meta.bucket_bytes):
             payload = _or_abort(pg, header, tensors, lambda: self._pack(bucket, tensors, meta.specs))
             header.copy_(torch.tensor([HEADER_DATA, bucket.nbytes]))
-            broadcast_(pg, header)
-            broadcast_(pg, payload)
+            broadcast_from_0(pg, header, self.device)
+            broadcast_from_0(pg, payload, self.device)
         _or_abort(pg, header, tensors, lambda: _expect_exhausted(tensors, len(meta.specs)))
         header.copy_(torch.tensor([HEADER_DONE, 0]))
-        broadcast_(pg, header)
+        broadcast_from_0(pg, header, self.device)
         if max_all_ranks(pg, 0, self.device):
             raise RuntimeError(
                 f"a rollout actor failed to load weight update version {meta.version}; "

@@ -3,28 +3,36 @@ PPO's experience making and updates, HF checkpoints, and sending weights.
 
 `LearnerWorker` is a plain class; `cluster/` places one Ray actor per rank.
 All ranks join one torch.distributed group through `deepspeed.init_distributed`
-(gloo on CPU, NCCL on GPU); each rank trains on its own shard of the step's
-sequences and DeepSpeed averages the gradients.  Calls that touch ZeRO-3
-parameters (forward passes, gathering weights for a sync or a checkpoint) run
-on every rank in lockstep: under stage 3 each parameter is partitioned and a
-gather is a collective.  Rank 0 alone additionally joins the weight-transfer
-group with the rollout actors and sends.
+(gloo on CPU, NCCL on GPU). Every rank receives the whole step's rollout, runs
+the forward passes for its own equal share of the rows, and gathers the rest
+(`learner.distributed`), so advantages are whitened over the whole batch and
+every rank sees the same numbers. Training cuts the same global minibatches on
+every rank (same permutation), each rank takes its equal slice of each, and
+losses are scaled so that DeepSpeed's gradient average is the token mean over
+the global minibatch: the update does not depend on the number of ranks.
+Calls that touch ZeRO-3 parameters (forward passes, gathering weights for a
+sync or a checkpoint) run on every rank in lockstep: under stage 3 each
+parameter is partitioned and a gather is a collective. Rank 0 alone also joins
+the weight-transfer group with the rollout actors and sends.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from cluster.records import ScoredRollout, TrainStats, WeightSpec, WeightSyncMeta
+from flywheel.records import ExperienceStats, SamplingSettings, ScoredRollout, TrainStats, WeightSpec, WeightSyncMeta
 from learner.advantages import AdvantageInputs, compute_advantages, token_level_rewards
+from learner.config import LearnerConfig
+from learner.distributed import all_gather_rows, all_reduce_mean
 from learner.experience import Experience, TokenBatch, critic_forward, pad_batch, policy_forward, tokens_from_scored
 from learner.losses import kl_penalty, masked_mean, masked_sum, masked_whiten, policy_loss_clipped, value_loss_clipped
 from learner.models import DTYPES, Critic, load_causal_lm
@@ -42,15 +50,44 @@ class LearnerSetup:
     master_addr: str
     master_port: int
     device: str  # "cpu" or "cuda"
-    dtype: str  # "bfloat16" or "float32"
+    dtype: str  # "bfloat16" or "float32", already resolved for the hardware
     zero_stage: int
     seed: int
     dist_timeout_s: float
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    ref_model_path: str | None = None  # the frozen KL reference; None: the starting policy
+
+
+def shm_prefix(master_addr: str, master_port: int) -> str:
+    """Path prefix of DeepSpeed's shared-memory allreduce buffers of one group.
+
+    DeepSpeed's CPU op names them `deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}`
+    and never removes them; the port makes the name unique to one run.
+    """
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_"
+
+
+def remove_shm(master_addr: str, master_port: int, rank: int | None = None) -> list[str]:
+    """Remove one group's shared-memory buffers (one rank's, or all when rank is None)."""
+    prefix = shm_prefix(master_addr, master_port)
+    paths = [prefix + str(rank)] if rank is not None else glob.glob(glob.escape(prefix) + "*")
+    removed = []
+    for path in paths:
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 class LearnerWorker:
-    def __init__(self, setup: LearnerSetup, ppo):
-        """`ppo` is the run's LearnerConfig (cluster.config); read-only here."""
+    def __init__(self, setup: LearnerSetup, ppo: LearnerConfig):
+        if ppo.kl_mode == "loss" and ppo.kl_estimator == "k1":
+            raise ValueError(
+                "learner.kl_estimator=k1 with learner.kl_mode=loss has zero expected gradient on the "
+                "policy's own samples, so the KL term would do nothing; use k2 (its gradient is the KL's)"
+            )
         self.setup = setup
         self.ppo = ppo
         self.rank = setup.rank
@@ -82,7 +119,8 @@ class LearnerWorker:
         critic = Critic(setup.model_path, "float32")
         self.policy = self._engine(policy, ppo.lr, mb_per_rank)
         self.critic = self._engine(critic, ppo.critic_lr, mb_per_rank)
-        self.ref = load_causal_lm(setup.model_path, setup.dtype).to(self.device).eval().requires_grad_(False)
+        ref_path = setup.ref_model_path or setup.model_path
+        self.ref = load_causal_lm(ref_path, setup.dtype).to(self.device).eval().requires_grad_(False)
         self._experience: Experience | None = None
         self._sender = None
         log.info("learner rank %d ready (ZeRO-%d, %s)", setup.rank, setup.zero_stage, setup.dtype)
@@ -117,6 +155,17 @@ class LearnerWorker:
 
     # ---------------------------------------------------------------- experience
 
+    def _my_rows(self, n: int) -> torch.Tensor:
+        """This rank's equal share of n rows (consecutive, in rank order)."""
+        w = self.setup.world_size
+        if n % w:
+            raise ValueError(
+                f"a step of {n} sequences does not divide over {w} learner ranks; make "
+                "data.prompts_per_step x rollout.samples_per_prompt a multiple of learner.world_size"
+            )
+        share = n // w
+        return torch.arange(self.rank * share, (self.rank + 1) * share)
+
     def _chunks(self, tokens: TokenBatch) -> Iterator[TokenBatch]:
         n = tokens.input_ids.shape[0]
         size = max(1, self.ppo.minibatch_size // self.setup.world_size)
@@ -124,17 +173,29 @@ class LearnerWorker:
             yield tokens.select(torch.arange(start, min(n, start + size)))
 
     @torch.no_grad()
-    def make_experience(self, shard: ScoredRollout) -> dict[str, float]:
-        """Reference logprobs, values, KL, advantages for this rank's shard; kept for train()."""
+    def make_experience(self, scored: ScoredRollout) -> ExperienceStats:
+        """Reference logprobs, values, KL and advantages of the whole step; kept for train().
+
+        Every rank gets the whole step's rollout and runs the forward passes for
+        its own rows; the gathered result is identical on every rank.
+        """
         t0 = time.perf_counter()
-        tokens, scores, sample_logprobs = tokens_from_scored(shard, self.pad_id)
+        tokens, scores, sample_logprobs = tokens_from_scored(scored, self.pad_id)
+        if not torch.isfinite(scores).all():
+            bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
+            raise ValueError(f"scores of samples {bad[:10]} are not finite; the learner refuses to train on them")
         tokens = tokens.to(self.device)
+        mine = tokens.select(self._my_rows(tokens.input_ids.shape[0]).to(self.device))
+        sampling = self.setup.sampling
         old, ref, values = [], [], []
-        for chunk in self._chunks(tokens):
-            old.append(policy_forward(self.policy, chunk)[0])
-            ref.append(policy_forward(self.ref, chunk)[0])
+        for chunk in self._chunks(mine):
+            old.append(policy_forward(self.policy, chunk, sampling)[0])
+            ref.append(policy_forward(self.ref, chunk, sampling)[0])
             values.append(critic_forward(self.critic, chunk))
-        old_logprobs, ref_logprobs, values = torch.cat(old), torch.cat(ref), torch.cat(values)
+        old_logprobs = all_gather_rows(torch.cat(old), self.device)
+        ref_logprobs = all_gather_rows(torch.cat(ref), self.device)
+        values = all_gather_rows(torch.cat(values), self.device)
+
         mask = tokens.mask
         scores = scores.to(self.device)
         kl = torch.where(mask.bool(), kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator), 0.0)
@@ -144,37 +205,42 @@ class LearnerWorker:
             self.ppo.advantage_estimator,
             AdvantageInputs(token_rewards=token_rewards, mask=mask, values=values, gamma=self.ppo.gamma, lam=self.ppo.lam),
         )
+        # The whole batch is here, so this is the global whitening on every rank.
         advantages = masked_whiten(adv.advantages, mask) if self.ppo.whiten_advantages else adv.advantages
+        sample_logprobs = sample_logprobs.to(self.device)
         self._experience = Experience(
-            tokens=tokens, scores=scores, sample_logprobs=sample_logprobs.to(self.device),
+            tokens=tokens, scores=scores, sample_logprobs=sample_logprobs,
             old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, kl=kl,
             advantages=advantages, returns=adv.returns,
         )
-        stats = {
-            "kl": masked_sum(kl, mask, dim=-1).mean().item(),
-            "reward_mean": masked_sum(token_rewards, mask, dim=-1).mean().item(),
-            "score_mean": scores.mean().item(),
-            "advantage_mean": masked_mean(adv.advantages, mask).item(),
-            "return_mean": masked_mean(adv.returns, mask).item(),
-            "value_mean": masked_mean(values, mask).item(),
-            # How far vLLM's sampling logprobs are from the learner's: sync and kernel health.
-            "sample_logprob_diff": masked_mean((sample_logprobs.to(self.device) - old_logprobs).abs(), mask).item(),
-            "response_len": mask.sum(-1).mean().item(),
-        }
-        stats = self._all_reduce_mean(stats)
-        stats["make_experience_s"] = time.perf_counter() - t0
-        return stats
+        return ExperienceStats(
+            kl=masked_sum(kl, mask, dim=-1).mean().item(),
+            reward_mean=masked_sum(token_rewards, mask, dim=-1).mean().item(),
+            score_mean=scores.mean().item(),
+            advantage_mean=masked_mean(adv.advantages, mask).item(),
+            return_mean=masked_mean(adv.returns, mask).item(),
+            value_mean=masked_mean(values, mask).item(),
+            # vLLM's sampling logprobs against the learner's: sync, sampling-settings and kernel health.
+            sample_logprob_diff=masked_mean((sample_logprobs - old_logprobs).abs(), mask).item(),
+            response_len=mask.sum(-1).mean().item(),
+            make_experience_s=time.perf_counter() - t0,
+        )
 
     # ---------------------------------------------------------------- training
 
-    def train(self) -> dict[str, float]:
-        """PPO epochs over this step's experience; returns rank-averaged stats."""
+    def train(self) -> TrainStats:
+        """PPO epochs over this step's experience; returns stats averaged over minibatches and ranks.
+
+        Each epoch draws one permutation (the same on every rank) and cuts it
+        into global minibatches of `minibatch_size` sequences; each rank trains
+        on its equal slice of each.
+        """
         if self._experience is None:
             raise RuntimeError("train() called before make_experience() for this step")
         t0 = time.perf_counter()
         exp, ppo = self._experience, self.ppo
-        n = exp.scores.shape[0]
-        size = ppo.minibatch_size // self.setup.world_size
+        n, w = exp.scores.shape[0], self.setup.world_size
+        size, share = ppo.minibatch_size, ppo.minibatch_size // w
         gen = torch.Generator().manual_seed(self.setup.seed * 100_003 + self.step)
         train_policy = self.step >= ppo.critic_warmup_steps
         sums: dict[str, float] = {}
@@ -184,65 +250,69 @@ class LearnerWorker:
         for _ in range(ppo.ppo_epochs):
             perm = torch.randperm(n, generator=gen).to(self.device)
             for start in range(0, n, size):
-                mb = exp.select(perm[start : start + size])
-                step_stats = self._train_minibatch(mb, train_policy)
-                for k, v in step_stats.items():
+                global_rows = perm[start : start + size]
+                mb = exp.select(global_rows[self.rank * share : (self.rank + 1) * share])
+                # DeepSpeed averages gradients over ranks; scaling each rank's token
+                # mean by world_size * its tokens / the minibatch's tokens turns that
+                # average into the token mean over the whole minibatch.
+                global_tokens = exp.tokens.mask[global_rows].sum().clamp(min=1)
+                scale = (w * mb.tokens.mask.sum() / global_tokens).item()
+                for k, v in self._train_minibatch(mb, train_policy, scale).items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        stats = {k: v / count for k, v in sums.items()}
-        stats = self._all_reduce_mean(stats)
+        stats = all_reduce_mean({k: v / count for k, v in sums.items()}, self.device)
+        broken = sorted(k for k, v in stats.items() if not np.isfinite(v))
+        if broken:
+            raise FloatingPointError(
+                f"learner step {self.step}: {', '.join(broken)} not finite; the update is not sent to the "
+                "actors. Lower learner.lr or check the rewards and sampling settings"
+            )
         self.step += 1
         self._experience = None
-        stats["train_s"] = time.perf_counter() - t0
-        return stats
+        return TrainStats(**stats, train_s=time.perf_counter() - t0)
 
-    def _train_minibatch(self, mb: Experience, train_policy: bool) -> dict[str, float]:
+    def _train_minibatch(self, mb: Experience, train_policy: bool, scale: float) -> dict[str, float]:
+        """One optimiser step of policy and critic; stats are this rank's scaled shares."""
         mask = mb.tokens.mask
-        out: dict[str, float] = {}
+        out = dict(policy_loss=0.0, clipfrac=0.0, approx_kl=0.0, entropy=0.0, kl_loss=0.0, grad_norm=0.0)
         if train_policy:
-            logprobs, entropy = policy_forward(self.policy, mb.tokens, with_entropy=True)
+            logprobs, entropy = policy_forward(self.policy, mb.tokens, self.setup.sampling, with_entropy=True)
             pl = policy_loss_clipped(logprobs, mb.old_logprobs, mb.advantages, mask, self.ppo.clip_eps)
             loss = pl.loss
+            kl_loss = torch.zeros(())
             if self.ppo.kl_mode == "loss":
-                kl = kl_penalty(logprobs, mb.ref_logprobs, self.ppo.kl_estimator)
-                loss = loss + self.ppo.kl_coef * masked_mean(kl, mask)
-            self.policy.backward(loss)
+                kl_loss = self.ppo.kl_coef * masked_mean(kl_penalty(logprobs, mb.ref_logprobs, self.ppo.kl_estimator), mask)
+                loss = loss + kl_loss
+            self.policy.backward(scale * loss)
             self.policy.step()
             out.update(
-                policy_loss=pl.loss.item(), clipfrac=pl.clipfrac.item(), approx_kl=pl.approx_kl.item(),
-                entropy=masked_mean(entropy, mask).item(), grad_norm=float(self.policy.get_global_grad_norm() or 0.0),
+                policy_loss=scale * pl.loss.item(), clipfrac=scale * pl.clipfrac.item(),
+                approx_kl=scale * pl.approx_kl.item(), entropy=scale * masked_mean(entropy, mask).item(),
+                kl_loss=scale * kl_loss.item(), grad_norm=float(self.policy.get_global_grad_norm() or 0.0),
             )
-        else:
-            out.update(policy_loss=0.0, clipfrac=0.0, approx_kl=0.0, entropy=0.0, grad_norm=0.0)
         values = critic_forward(self.critic, mb.tokens)
         vl = value_loss_clipped(values, mb.values, mb.returns, mask, self.ppo.value_clip_eps)
-        self.critic.backward(self.ppo.value_coef * vl.loss)
+        self.critic.backward(scale * self.ppo.value_coef * vl.loss)
         self.critic.step()
-        out.update(value_loss=vl.loss.item(), value_clipfrac=vl.clipfrac.item())
+        out.update(value_loss=scale * vl.loss.item(), value_clipfrac=scale * vl.clipfrac.item())
         return out
-
-    def _all_reduce_mean(self, stats: dict[str, float]) -> dict[str, float]:
-        if self.setup.world_size == 1:
-            return stats
-        keys = sorted(stats)
-        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return {k: float(v) / self.setup.world_size for k, v in zip(keys, t.tolist())}
 
     # ---------------------------------------------------------------- weights out
 
     def _full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) for every policy parameter; all ranks must iterate.
+        """(HF name, full tensor in the run's dtype) for every policy parameter; all ranks must iterate.
 
-        Under ZeRO-3 each parameter is gathered for the duration of one item, so
-        the consumer must copy it before asking for the next.
+        Tensors stay on the learner's device (a GPU run sends GPU to GPU). Under
+        ZeRO-3 each parameter is gathered for the duration of one item, so it is
+        copied before the gather releases it.
         """
+        dtype = DTYPES[self.setup.dtype]
         for name, param in self.policy.module.named_parameters():
             if hasattr(param, "ds_id"):
                 with self._ds.zero.GatheredParameters([param], modifier_rank=None):
-                    yield name, param.data.detach().to(DTYPES[self.setup.dtype]).cpu().clone()
+                    yield name, param.data.detach().to(dtype=dtype, copy=True)
             else:
-                yield name, param.data.detach().to(DTYPES[self.setup.dtype]).cpu()
+                yield name, param.data.detach().to(dtype=dtype)
 
     def weight_specs(self) -> list[WeightSpec]:
         specs = []
@@ -273,7 +343,8 @@ class LearnerWorker:
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
-        """The policy's logprobs (C,) of `completion_ids` after `prompt_ids`; all ranks call it."""
+        """The policy's own logprobs (C,) of `completion_ids` after `prompt_ids`, at
+        temperature 1 (the weight-sync check); all ranks call it."""
         tokens = pad_batch([np.asarray(prompt_ids)], [np.asarray(completion_ids)], self.pad_id).to(self.device)
         self.policy.eval()
         logprobs, _ = policy_forward(self.policy, tokens)
@@ -281,7 +352,7 @@ class LearnerWorker:
 
     def save_hf(self, out_dir: str) -> str | None:
         """Write the policy in Hugging Face format (rank 0 writes; all ranks gather)."""
-        state = {name: tensor for name, tensor in self._full_parameters()}
+        state = {name: tensor.cpu() for name, tensor in self._full_parameters()}
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer
@@ -292,11 +363,15 @@ class LearnerWorker:
         AutoTokenizer.from_pretrained(self.setup.model_path).save_pretrained(out_dir)
         return out_dir
 
-    def shutdown(self, destroy_process_group: bool = True) -> None:
-        """Leave the groups. In-process tests keep the DeepSpeed group: DeepSpeed
-        caches its sub-groups globally and cannot re-create them in one process."""
+    def shutdown(self, destroy_process_group: bool = True) -> list[str]:
+        """Leave the groups and remove this rank's shared memory; returns the files removed.
+
+        In-process tests keep the DeepSpeed group: DeepSpeed caches its
+        sub-groups globally and cannot re-create them in one process.
+        """
         if self._sender is not None:
             self._sender.close()
             self._sender = None
         if destroy_process_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        return remove_shm(self.setup.master_addr, self.setup.master_port, self.rank)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from cluster.records import Rollout, ScoredRollout
+from flywheel.records import Rollout, ScoredRollout
 
 
 class RewardServiceError(RuntimeError):

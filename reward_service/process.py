@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from flywheel.net import free_port
 from reward_service.client import RewardClient, RewardServiceError
 
 # The directory holding the reward_service package: the child needs it importable.
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: str, max_bytes: int = 4000) -> str:

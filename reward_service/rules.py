@@ -25,10 +25,10 @@ def length_reward(prompt: str, completion: str) -> float:
 
 
 def synthetic_gold_reward(prompt: str, completion: str) -> float:
-    """The gold reward of the project's synthetic task (cluster/synthetic_task.py)."""
+    """The gold reward of the project's synthetic task (flywheel/synthetic_task.py)."""
     # Imported here so that the length rule, and the service itself, work
     # before or without the task module.
-    from cluster.synthetic_task import gold_reward
+    from flywheel.synthetic_task import gold_reward
 
     return float(gold_reward(prompt, completion))
 

@@ -3,7 +3,7 @@
 Every test talks to `python -m reward_service` on loopback, started through
 `reward_service.process.start_reward_server`, the way the driver starts it.
 The reward-model test builds a tiny random Llama classifier with the project's
-embedded builder (cluster/tiny_model.py) in a temporary directory.
+embedded builder (flywheel/tiny_model.py) in a temporary directory.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def test_model_scorer_through_the_server_equals_the_model(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cluster.tiny_model import TinyModelSpec, ensure_embedded_model
+    from flywheel.tiny_model import TinyModelSpec, ensure_embedded_model
 
     # The embedded reward model's architecture, shrunk: hidden 64, 2 layers,
     # 4 heads, fp32; a wide init spreads the random scores well apart.

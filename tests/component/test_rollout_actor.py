@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.records import PromptBatch
+from flywheel.records import PromptBatch
+from flywheel.seeds import sample_seeds
 
 MAX_MODEL_LEN = 128
 
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    from cluster.tiny_model import ensure_embedded_model
+    from flywheel.tiny_model import ensure_embedded_model
 
     return ensure_embedded_model("policy")
 
@@ -39,14 +40,15 @@ def worker(model_path):
     worker.shutdown()
 
 
-def _batch(tokenizer, texts: list[str]) -> PromptBatch:
+def _batch(tokenizer, texts: list[str], seed: int | None = None, n: int = 1) -> PromptBatch:
     ids = [np.array(tokenizer(t)["input_ids"], dtype=np.int32) for t in texts]
-    return PromptBatch(prompts=texts, prompt_ids=ids)
+    seeds = None if seed is None else sample_seeds(seed, step=0, num_prompts=len(texts), samples=n)
+    return PromptBatch(prompts=texts, prompt_ids=ids, seeds=seeds)
 
 
 def test_generate_returns_well_formed_rollouts(worker, tokenizer):
-    batch = _batch(tokenizer, ["count to five:", "the quick brown fox", "hello"])
-    r = worker.generate(batch, max_new_tokens=10, temperature=1.0, top_p=0.95, n=2, seed=11)
+    batch = _batch(tokenizer, ["count to five:", "the quick brown fox", "hello"], seed=11, n=2)
+    r = worker.generate(batch, max_new_tokens=10, temperature=1.0, top_p=0.95, n=2)
 
     assert len(r.completion_ids) == len(r.logprobs) == len(r.finish_reasons) == len(r.completions) == 6
     assert r.prompts == [p for p in batch.prompts for _ in range(2)]  # i*n + j is prompt i's j-th
@@ -62,7 +64,7 @@ def test_generate_returns_well_formed_rollouts(worker, tokenizer):
     assert r.policy_version == 0 and r.actor_rank == 3 and r.gen_s > 0
     assert r.num_tokens == sum(len(c) for c in r.completion_ids)
 
-    again = worker.generate(batch, max_new_tokens=10, temperature=1.0, top_p=0.95, n=2, seed=11)
+    again = worker.generate(batch, max_new_tokens=10, temperature=1.0, top_p=0.95, n=2)
     assert [c.tolist() for c in again.completion_ids] == [c.tolist() for c in r.completion_ids]
     health = worker.health()
     assert health["policy_version"] == 0 and health["tokens_generated"] == 2 * r.num_tokens
@@ -70,9 +72,30 @@ def test_generate_returns_well_formed_rollouts(worker, tokenizer):
 
 def test_seeded_batch_samples_each_prompt_independently(worker, tokenizer):
     # A seed shared by every request would give identical samples for identical prompts.
-    batch = _batch(tokenizer, ["the quick brown fox"] * 8)
-    r = worker.generate(batch, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=3)
+    batch = _batch(tokenizer, ["the quick brown fox"] * 8, seed=3)
+    r = worker.generate(batch, max_new_tokens=8, temperature=1.0, top_p=1.0)
     assert len({tuple(c.tolist()) for c in r.completion_ids}) == 8
+
+
+def test_no_sample_repeats_another_across_prompts_samples_and_steps(worker, tokenizer):
+    """Identical prompts, 4 samples each, over two steps: all 64 completions differ.
+
+    Before per-sample seeds, vLLM derived the samples of a request from its
+    seed, so request i's sample j replayed request i+1's sample j-1.
+    """
+    samples = []
+    for step in range(2):
+        batch = _batch(tokenizer, ["the quick brown fox"] * 8)
+        batch.seeds = sample_seeds(0, step=step, num_prompts=8, samples=4)
+        r = worker.generate(batch, max_new_tokens=8, temperature=1.0, top_p=1.0, n=4)
+        samples += [tuple(c.tolist()) for c in r.completion_ids]
+    assert len(samples) == 64 and len(set(samples)) == 64
+
+
+def test_seeds_must_match_the_batch(worker, tokenizer):
+    batch = _batch(tokenizer, ["a", "b"], seed=0, n=1)
+    with pytest.raises(ValueError, match=r"seeds has shape \(2, 1\), expected \(2, 3\)"):
+        worker.generate(batch, max_new_tokens=4, temperature=1.0, top_p=1.0, n=3)
 
 
 def test_too_long_prompt_names_index_length_and_keys(worker):
@@ -108,8 +131,8 @@ def test_score_sequence_logprobs_matches_transformers(worker, model_path):
 
 
 def test_sampling_logprobs_match_scoring(worker, tokenizer):
-    """The logprobs generate() reports are the model's own (raw) logprobs."""
-    batch = _batch(tokenizer, ["one two three"])
-    r = worker.generate(batch, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=5)
+    """At temperature 1 with no top-k / top-p, generate()'s logprobs are the model's own."""
+    batch = _batch(tokenizer, ["one two three"], seed=5)
+    r = worker.generate(batch, max_new_tokens=8, temperature=1.0, top_p=1.0)
     scored = worker.score_sequence_logprobs(batch.prompt_ids[0].tolist(), r.completion_ids[0].tolist())
     np.testing.assert_allclose(r.logprobs[0], scored, atol=1e-4)

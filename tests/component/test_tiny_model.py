@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cluster import synthetic_task, tiny_model
-from cluster.tiny_model import TinyModelSpec, build_tiny_policy, ensure_embedded_model
+from flywheel import synthetic_task, tiny_model
+from flywheel.tiny_model import TinyModelSpec, build_tiny_policy, ensure_embedded_model
 
 PROMPTS = [
     "Write about animals in a calm way:",

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import socket
 import traceback
 
 import numpy as np
 import pytest
 import torch
 
-from cluster.weight_buckets import plan_buckets
+from flywheel.net import free_port
+
+from flywheel.weight_buckets import plan_buckets
 
 TIMEOUT_S = 60.0  # every group collective and every queue wait
 BUCKET_BYTES = 300_000  # embed (1 MiB) and MLP weights (768 KiB) exceed it; norms share buckets
@@ -85,12 +86,6 @@ def _sender_main(model_path: str, port: int, commands, results) -> None:
         results.put(("crashed", traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(results, expected: str):
     kind, payload = results.get(timeout=TIMEOUT_S)
     assert kind == expected, f"sender answered {kind}: {payload}"
@@ -99,7 +94,7 @@ def _get(results, expected: str):
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    from cluster.tiny_model import ensure_embedded_model
+    from flywheel.tiny_model import ensure_embedded_model
 
     return ensure_embedded_model("policy")
 
@@ -112,7 +107,7 @@ def linked(model_path):
     worker = RolloutWorker(model_path, dtype="float32", max_model_len=256, seed=0, kv_cache_gib=1)
     ctx = mp.get_context("spawn")
     commands, results = ctx.Queue(), ctx.Queue()
-    port = _free_port()
+    port = free_port()
     proc = ctx.Process(target=_sender_main, args=(model_path, port, commands, results), daemon=True)
     proc.start()
     try:
@@ -150,7 +145,7 @@ LONG_PROMPT = RNG.integers(3, 1000, size=140).tolist()
 
 
 def _greedy(worker, prompt: list[int]):
-    from cluster.records import PromptBatch
+    from flywheel.records import PromptBatch
 
     batch = PromptBatch(prompts=["long"], prompt_ids=[np.array(prompt, dtype=np.int32)])
     r = worker.generate(batch, max_new_tokens=6, temperature=0.0, top_p=1.0)

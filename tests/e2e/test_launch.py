@@ -49,27 +49,40 @@ def _processes_with_marker(marker: str) -> list[str]:
     return found
 
 
-def _assert_no_leftovers(marker: str, grace_s: float = 15.0) -> None:
+def _shm_files() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _assert_no_leftovers(marker: str, shm_before: set[str] | None = None, grace_s: float = 15.0) -> None:
+    """No process of the run survives, and nothing it put in /dev/shm remains."""
     deadline = time.monotonic() + grace_s
     while (left := _processes_with_marker(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left running after the run: {left}"
+    if shm_before is not None:
+        new = sorted(_shm_files() - shm_before)
+        assert not new, f"the run left shared memory behind in /dev/shm: {new}"
 
 
 @pytest.mark.timeout(900)
 def test_ppo_run_end_to_end(tmp_path):
-    """A short real run, two rollout actors and two learner ranks at ZeRO-3: metrics,
-    weight sync into both engines, checkpoint, clean exit."""
+    """A short real run with the default dtype (auto), two rollout actors and two learner
+    ranks at ZeRO-3, sampling at temperature 0.7 with top-p: metrics, weight sync into
+    both engines, checkpoint, clean exit with no process and no shared memory left."""
+    from flywheel.hardware import resolve_dtype
+
     marker = uuid.uuid4().hex
     out = tmp_path / "run"
+    shm_before = _shm_files()
     result = _launch(
-        ["--config", str(CONFIG), "--output-dir", str(out), "run.steps=3", "run.eval_prompts=16",
-         "data.prompts_per_step=16", "rollout.num_actors=2", "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "learner.world_size=2", "learner.zero_stage=3",
-         "sync.bucket_mb=0.25"],
+        ["--config", str(CONFIG), "--output-dir", str(out), "run.steps=3", "run.eval_prompts=15",
+         "data.prompts_per_step=16", "rollout.num_actors=2", "rollout.samples_per_prompt=2",
+         "rollout.temperature=0.7", "rollout.top_p=0.95", "learner.minibatch_size=16", "learner.world_size=2",
+         "learner.zero_stage=3", "sync.bucket_mb=0.25"],
         timeout_s=840, marker=marker,
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    _assert_no_leftovers(marker)
+    _assert_no_leftovers(marker, shm_before)
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
@@ -85,7 +98,14 @@ def test_ppo_run_end_to_end(tmp_path):
         # ... and differ from vLLM's own before the sync: the weights really changed.
         assert r["sync_logprob_shift"] > 2 * r["sync_logprob_err"], r
 
+    for r in records:
+        # The learner scores the distribution vLLM sampled from (temperature 0.7, top-p 0.95).
+        assert r["sample_logprob_diff"] < 0.02, r
+
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["dtype"] == resolve_dtype("auto", "cpu").dtype
+    # 15 held-out prompts split 8 / 7 over two actors, 2 samples each: none lost.
+    assert summary["before"]["eval_prompts"] == 15 and summary["before"]["eval_samples"] == 30
     final = Path(summary["final_checkpoint"])
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
     assert (final / "tokenizer.json").is_file()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, describe, from_dict, load_config
+from cluster.config import ConfigError, advisories, describe, from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -32,6 +32,9 @@ def test_shipped_configs_load_and_carry_a_header(path):
         (["learner.minibatch_size=48"], "learner.minibatch_size: must divide the sequences per step"),
         (["reward.rule=null"], "reward: set exactly one of reward.rule and reward.model_path"),
         (["sync.backend=nccl"], "sync.backend: nccl needs run.device=cuda"),
+        (["learner.kl_mode=loss"], "learner.kl_estimator: k1 with learner.kl_mode=loss has zero expected gradient"),
+        (["model.dtype=float16"], "model.dtype: must be one of 'auto', 'bfloat16', 'float32', got 'float16'"),
+        (["rollout.top_k=-1"], "rollout.top_k: must be >= 0, got -1"),
         (["run.steps"], "expected key=value"),
     ],
 )
@@ -39,6 +42,20 @@ def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
         from_dict({}, overrides)
     assert message in str(info.value)
+
+
+def test_kl_in_the_loss_takes_k2_and_k3_is_flagged():
+    assert from_dict({}, ["learner.kl_mode=loss", "learner.kl_estimator=k2"]).learner.kl_estimator == "k2"
+    assert advisories(from_dict({}, ["learner.kl_mode=loss", "learner.kl_estimator=k2"])) == []
+    [note] = advisories(from_dict({}, ["learner.kl_mode=loss", "learner.kl_estimator=k3"]))
+    assert "KL(reference || policy)" in note
+
+
+def test_defaults_choose_dtype_from_hardware_and_any_actor_count():
+    cfg = from_dict({})
+    assert cfg.model.dtype == "auto"
+    # 10 prompts over 3 actors: split 3/4/3 (balanced) rather than rejected or cut.
+    assert from_dict({}, ["data.prompts_per_step=10", "rollout.num_actors=3", "learner.minibatch_size=10"])
 
 
 def test_overrides_and_yaml_floats():

@@ -245,3 +245,41 @@ def test_dpo_loss():
     loss.backward()
     assert pc.grad.item() < 0  # raising the chosen logp lowers the loss
     close(dpo_loss(*args, beta=0.1, label_smoothing=0.1).loss, 0.61814)
+
+
+# ---------------------------------------------------------------- KL as a loss
+
+
+def _expected_loss_gradient(estimator: str, logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """E_{a ~ pi}[grad of estimator(log pi(a), log ref(a))], summed exactly over a small vocabulary.
+
+    Samples come from the policy but the sampling itself is not differentiated:
+    the weights pi(a) are detached, as they are when a loss is averaged over sampled tokens.
+    """
+    logits = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(logits, -1)
+    loss = (logp.exp().detach() * kl_penalty(logp, ref_logp, estimator)).sum()
+    (grad,) = torch.autograd.grad(loss, logits)
+    return grad
+
+
+def test_only_k2_as_a_loss_has_the_gradient_of_the_kl():
+    # pi = softmax([1, 0, -1]), ref = uniform over 3 tokens.
+    logits = torch.tensor([1.0, 0.0, -1.0])
+    ref_logp = torch.log(torch.full((3,), 1 / 3))
+    exact = logits.clone().requires_grad_(True)
+    p = torch.softmax(exact, -1)
+    kl_forward = (p * (torch.log(p) - ref_logp)).sum()  # pi = (0.665, 0.245, 0.090): KL = 0.2662 nats
+    (want,) = torch.autograd.grad(kl_forward, exact)
+    close(kl_forward.item(), 0.2662, atol=1e-4)
+    # k2 = (log pi - log ref)^2 / 2 has gradient (log pi - log ref) grad log pi, whose expectation
+    # under pi is grad KL(pi || ref) (because E[grad log pi] = 0): the right loss.
+    close(_expected_loss_gradient("k2", logits, ref_logp), want, atol=1e-6)
+    # k1 = log pi - log ref has gradient grad log pi, whose expectation is 0: it does nothing.
+    close(_expected_loss_gradient("k1", logits, ref_logp), torch.zeros(3), atol=1e-6)
+    # k3 = ref/pi - 1 - log(ref/pi) has expected gradient -sum ref grad log pi = grad KL(ref || pi).
+    reverse = logits.clone().requires_grad_(True)
+    q = torch.softmax(reverse, -1)
+    (want_reverse,) = torch.autograd.grad((ref_logp.exp() * (ref_logp - torch.log(q))).sum(), reverse)
+    close(_expected_loss_gradient("k3", logits, ref_logp), want_reverse, atol=1e-6)
+    assert (want_reverse - want).abs().max() > 0.05  # a different direction from the KL we penalise

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster import synthetic_task as st
-from cluster.synthetic_task import gold_reward
+from flywheel import synthetic_task as st
+from flywheel.synthetic_task import gold_reward
 
 ANIMALS = "Write about animals in a calm way:"
 
@@ -173,10 +173,13 @@ def test_write_and_load_datasets(tmp_path):
         st.load_prompts(tmp_path, "train")
     with pytest.raises(ValueError, match="unknown data set names"):
         st.write_datasets(tmp_path / "c", 0, {"prompts": 3})
+    # A run needs only its prompts: nothing else is generated.
+    only = st.write_datasets(tmp_path / "d", 0, {"prompts_train": 4})
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["prompts_train.jsonl"] == [only["prompts_train"].name]
 
 
 def test_module_import_is_light():
-    code = "import sys, cluster.synthetic_task; print(sorted({'datasets', 'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, flywheel.synthetic_task; print(sorted({'datasets', 'torch', 'transformers'} & set(sys.modules)))"
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""The weight-sync byte layout (cluster/weight_buckets.py) and the sender's meta,
+"""The weight-sync byte layout (flywheel/weight_buckets.py) and the sender's meta,
 on hand-worked sizes; no process group, no vLLM."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.records import WeightSpec
-from cluster.weight_buckets import ALIGN, plan_buckets
+from flywheel.records import WeightSpec
+from flywheel.weight_buckets import ALIGN, plan_buckets
 from learner.weight_sync import WeightSender
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,34 @@ class PromptBatch:
 
     prompts: list[str]  # (B,) prompt text, as the reward service will see it
     prompt_ids: list[np.ndarray]  # B arrays of int32 (P_i,), tokenised prompts
-    index: np.ndarray | None = None  # (B,) row of each prompt in its dataset
+    seeds: np.ndarray | None = None  # (B, n) int64, one sampling seed per prompt and sample
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def split(self, parts: int) -> list["PromptBatch"]:
+        """`parts` consecutive slices whose sizes differ by at most one, the larger
+        first (10 over 3: 4, 3, 3); none is cut off."""
+        sizes = [len(self) // parts + (i < len(self) % parts) for i in range(parts)]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        return [
+            PromptBatch(
+                prompts=self.prompts[a:b],
+                prompt_ids=self.prompt_ids[a:b],
+                seeds=None if self.seeds is None else self.seeds[a:b],
+            )
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the rollout actors sample; the learner applies the same to its logits,
+    so that its logprobs are those of the distribution vLLM sampled from."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0  # nucleus mass; 1 disables
+    top_k: int = 0  # keep the k most likely tokens; 0 disables
 
 
 @dataclass
@@ -69,23 +96,33 @@ class ScoredRollout:
 
 
 @dataclass
+class ExperienceStats:
+    """Scalars from making one step's experience, over the whole step's batch."""
+
+    kl: float  # mean per-sequence KL(policy || reference) estimate, summed over tokens
+    reward_mean: float  # mean total reward per sequence (score minus the KL penalty if in the reward)
+    score_mean: float  # mean reward-service score
+    advantage_mean: float  # token mean of the advantages before whitening
+    return_mean: float  # token mean of the returns
+    value_mean: float  # token mean of the critic's values
+    sample_logprob_diff: float  # token mean |vLLM sampling logprob - learner logprob|
+    response_len: float  # mean completion length in tokens
+    make_experience_s: float
+
+
+@dataclass
 class TrainStats:
-    """Scalars from one learner update, averaged over its minibatches."""
+    """Scalars from one step's PPO update, averaged over its minibatches and ranks."""
 
     policy_loss: float
     value_loss: float
-    kl: float  # mean per-sequence KL(policy || reference), summed over tokens
-    entropy: float
-    clipfrac: float
-    approx_kl: float  # mean KL(old policy || new policy), a step-size check
+    value_clipfrac: float  # fraction of tokens where the clipped value error was larger
+    entropy: float  # token mean entropy of the sampling distribution
+    clipfrac: float  # fraction of tokens where the clipped ratio was chosen
+    approx_kl: float  # token mean KL(old policy || new policy), a step-size check
+    kl_loss: float  # the KL term of the loss (0 unless learner.kl_mode is loss)
     grad_norm: float
-    reward_mean: float  # mean total reward (score - KL penalty if in reward)
-    advantage_mean: float
-    return_mean: float
-    value_mean: float
-    make_experience_s: float
     train_s: float
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from cluster import synthetic_task
+from flywheel import synthetic_task
 
 log = logging.getLogger(__name__)
 

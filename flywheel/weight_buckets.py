@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-from cluster.records import WeightSpec
+from flywheel.records import WeightSpec
 
 # Largest element size of any dtype we send (float64/int64) rounded up to 16, so
 # every slice is aligned for a zero-copy `view(dtype)`.

@@ -380,29 +380,27 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_datasets(
     out_dir: str | os.PathLike, seed: int, sizes: dict[str, int] | None = None
 ) -> dict[str, Path]:
-    """Write prompts_train / prompts_eval / sft / preferences .jsonl; return their paths.
+    """Write the named data sets as .jsonl files; return their paths.
 
-    `sizes` overrides DEFAULT_SIZES per file. Prompt rows are {"prompt", "topic"}.
+    `sizes` names the sets to write and their row counts (default: all of
+    DEFAULT_SIZES). Prompt rows are {"prompt", "topic"}.
     """
-    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     unknown = set(sizes) - set(DEFAULT_SIZES)
     if unknown:
         raise ValueError(f"unknown data set names {sorted(unknown)}; valid: {sorted(DEFAULT_SIZES)}")
+    makers = {
+        "prompts_train": lambda n: [{"prompt": p, "topic": prompt_topic(p)} for p in make_prompts(n, seed, "train")],
+        "prompts_eval": lambda n: [{"prompt": p, "topic": prompt_topic(p)} for p in make_prompts(n, seed, "eval")],
+        "sft": lambda n: [asdict(d) for d in make_sft_demonstrations(n, seed)],
+        "preferences": lambda n: [asdict(p) for p in make_preference_pairs(n, seed)],
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[dict]] = {
-        f"prompts_{split}": [
-            {"prompt": p, "topic": prompt_topic(p)}
-            for p in make_prompts(sizes[f"prompts_{split}"], seed, split)
-        ]
-        for split in ("train", "eval")
-    }
-    rows["sft"] = [asdict(d) for d in make_sft_demonstrations(sizes["sft"], seed)]
-    rows["preferences"] = [asdict(p) for p in make_preference_pairs(sizes["preferences"], seed)]
     paths = {}
-    for name, data in rows.items():
+    for name, n in sizes.items():
         paths[name] = out / f"{name}.jsonl"
-        _write_jsonl(paths[name], data)
+        _write_jsonl(paths[name], makers[name](n))
     return paths
 
 
@@ -420,7 +418,7 @@ def load_prompts(path_or_name: str | os.PathLike, split: str = "train", column: 
         path = path / f"prompts_{split}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found: write it with cluster.synthetic_task.write_datasets({path.parent!s}, seed)"
+                f"{path} not found: write it with flywheel.synthetic_task.write_datasets({path.parent!s}, seed)"
             )
     if path.is_file():
         ds = datasets.load_dataset("json", data_files=str(path), split="train")

@@ -1,0 +1,31 @@
+"""What every benchmark shares: running the real entry point, and writing a
+result JSON that carries the machine report of where it was measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def launch(config: str, out_dir: Path, overrides: list[str], timeout_s: float = 1800) -> None:
+    """Run `python -m cluster.launch` to completion; exit with its stderr tail if it fails."""
+    cmd = [sys.executable, "-m", "cluster.launch", "--config", config, "--output-dir", str(out_dir), *overrides]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+
+
+def write_result(path: str | Path, report: dict) -> Path:
+    """Write `report` plus the machine report to `path` (relative to the repository)."""
+    from cluster.doctor import machine_report
+
+    out = REPO / path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**report, "machine": machine_report()}, indent=2))
+    print(f"wrote {out}")
+    return out

@@ -1,0 +1,38 @@
+"""The learner's settings: the PPO hyperparameters every learner rank reads.
+
+Declared here, beside the code that reads them, and composed by
+`cluster/config.py` into the run config (section `learner:`), which loads and
+validates them. Standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from flywheel.settings import setting
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = setting(1, "DeepSpeed ranks, one Ray actor each", min=1)
+    num_cpus_per_rank: float = setting(1.0, "Ray CPUs reserved per learner rank", gt=0)
+    num_threads: int | None = setting(None, "torch threads per learner rank; null follows num_cpus_per_rank", min=1)
+    zero_stage: int = setting(2, "DeepSpeed ZeRO stage", min=0, max=3)
+    lr: float = setting(1e-4, "policy learning rate (AdamW)", gt=0)
+    critic_lr: float = setting(2e-4, "critic learning rate (AdamW)", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
+    ppo_epochs: int = setting(2, "passes over each step's experience", min=1)
+    minibatch_size: int = setting(32, "sequences per optimiser step (across all ranks)", min=1)
+    clip_eps: float = setting(0.2, "PPO ratio clip", gt=0)
+    value_clip_eps: float | None = setting(0.2, "value clip around old values; null disables", gt=0)
+    value_coef: float = setting(1.0, "scale of the value loss", min=0)
+    gamma: float = setting(1.0, "discount", min=0, max=1)
+    lam: float = setting(0.95, "GAE lambda", min=0, max=1)
+    kl_coef: float = setting(0.05, "weight of the KL(policy || reference) penalty", min=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = setting("k1", "per-token KL estimator")
+    kl_mode: Literal["reward", "loss"] = setting("reward", "KL penalty subtracted from the reward, or added to the policy loss")
+    advantage_estimator: Literal["gae"] = setting("gae", "advantage estimator (critic-free ones come with their stage)")
+    whiten_advantages: bool = setting(True, "normalise advantages over the batch")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
+    critic_warmup_steps: int = setting(0, "steps that train only the critic", min=0)

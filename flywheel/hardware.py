@@ -1,21 +1,24 @@
-"""What the machine can compute, and the dtype a run chooses for it.
+"""What the machine can compute, and the dtype and threads a run chooses for it.
 
-CPUs differ in a way that changes a run's speed by an order of magnitude:
-some compute bf16 natively (AVX512-BF16 or AMX), others emulate it and run
-about 70x slower per matrix product than in float32 (about 25x slower end to
-end). `resolve_dtype` turns `model.dtype` (auto, bfloat16, float32) into the
-dtype a run uses, with the reason, and a warning when an explicit bfloat16 will
-be slow. Standard library only; torch is imported inside functions that ask
-about CUDA.
+CPUs differ in a way that changes a run's speed by an order of magnitude: some
+compute bf16 natively (AVX512-BF16 dot products or AMX tiles), others emulate
+it, about 70x slower per matrix product than float32 and about 25x slower end to
+end on AVX2-only machines. `read_cpu_info` reads the facts from /proc;
+`resolve_dtype` turns `model.dtype` (auto, bfloat16, float32) into the dtype a
+run uses, with the reason and, when an explicit bfloat16 will be slow, a
+warning. Standard library only; torch is imported inside the functions that ask
+about CUDA, so importing this module costs nothing.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from dataclasses import dataclass, field
 
-DTYPES = ("auto", "bfloat16", "float32")
+DTYPE_SETTINGS = ("auto", "bfloat16", "float32")  # the values model.dtype accepts
+DEVICES = ("cpu", "cuda")  # the values run.device accepts
 
 
 @dataclass(frozen=True)
@@ -23,23 +26,26 @@ class CpuInfo:
     """The CPU facts a run's choices depend on."""
 
     model: str  # e.g. "AMD EPYC" or "Intel(R) Xeon(R) Platinum 8480+"
-    vendor: str  # e.g. "AuthenticAMD", "GenuineIntel"
-    flags: frozenset[str] = field(default_factory=frozenset)
-    cores: int = 1  # logical cores this process may run on
+    vendor: str  # e.g. "AuthenticAMD", "GenuineIntel"; "unknown" without /proc
+    flags: frozenset[str] = field(default_factory=frozenset)  # the "flags" line of /proc/cpuinfo
+    cores: int = 1  # logical cores this process may run on (its affinity mask)
     cores_total: int = 1  # logical cores of the machine
-    memory_bytes: int = 0  # total memory; 0 if unknown
-    memory_available_bytes: int = 0
+    memory_bytes: int = 0  # MemTotal; 0 if unknown
+    memory_available_bytes: int = 0  # MemAvailable; 0 if unknown
 
     @property
     def has_avx2(self) -> bool:
+        """256-bit vectors: the floor every x86 machine we use has."""
         return "avx2" in self.flags
 
     @property
     def has_avx512(self) -> bool:
+        """512-bit vectors (the foundation set, avx512f)."""
         return "avx512f" in self.flags
 
     @property
     def has_amx(self) -> bool:
+        """Intel's matrix tiles (Sapphire Rapids and later)."""
         return bool({"amx_bf16", "amx_tile"} & self.flags)
 
     @property
@@ -62,6 +68,7 @@ class CpuInfo:
 
 
 def _read(path: str) -> str | None:
+    """The file's text, or None where it does not exist (no /proc off Linux)."""
     try:
         with open(path) as f:
             return f.read()
@@ -70,30 +77,49 @@ def _read(path: str) -> str | None:
 
 
 def _meminfo_bytes(text: str, key: str) -> int:
+    """The value of `key` in /proc/meminfo text, in bytes; 0 if absent or unreadable."""
     for line in text.splitlines():
         if line.startswith(key + ":"):
             parts = line.split()
+            if len(parts) < 2 or not parts[1].isdigit():
+                return 0
             return int(parts[1]) * (1024 if len(parts) > 2 and parts[2].lower() == "kb" else 1)
     return 0
 
 
+def _sysconf_memory_bytes() -> int:
+    """Physical memory from sysconf, for machines without /proc/meminfo."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def read_cpu_info(cpuinfo_text: str | None = None, meminfo_text: str | None = None) -> CpuInfo:
-    """Parse /proc/cpuinfo and /proc/meminfo (or the given texts); falls back to
-    `platform` and `os` where /proc is missing."""
+    """Parse /proc/cpuinfo and /proc/meminfo, or the given texts (for tests).
+
+    Without /proc (macOS, some containers) the model falls back to `platform`,
+    memory to sysconf, and the flags are empty, so the kind is "no AVX2" and
+    `auto` picks float32: the safe choice when nothing is known.
+    """
     text = cpuinfo_text if cpuinfo_text is not None else _read("/proc/cpuinfo") or ""
     model = vendor = ""
     flags: frozenset[str] = frozenset()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
+        # Every processor block repeats these; the first block speaks for all.
         if key == "model name" and not model:
             model = value.strip()
         elif key == "vendor_id" and not vendor:
             vendor = value.strip()
         elif key == "flags" and not flags:
             flags = frozenset(value.split())
-    mem = meminfo_text if meminfo_text is not None else _read("/proc/meminfo") or ""
+    mem = meminfo_text if meminfo_text is not None else _read("/proc/meminfo")
+    memory = _meminfo_bytes(mem, "MemTotal") if mem is not None else _sysconf_memory_bytes()
+    available = _meminfo_bytes(mem, "MemAvailable") if mem is not None else 0
     try:
+        # The affinity mask, not cpu_count: taskset, cgroups' cpusets and Ray can narrow it.
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
@@ -103,8 +129,8 @@ def read_cpu_info(cpuinfo_text: str | None = None, meminfo_text: str | None = No
         flags=flags,
         cores=cores,
         cores_total=os.cpu_count() or cores,
-        memory_bytes=_meminfo_bytes(mem, "MemTotal"),
-        memory_available_bytes=_meminfo_bytes(mem, "MemAvailable"),
+        memory_bytes=memory,
+        memory_available_bytes=available,
     )
 
 
@@ -113,17 +139,31 @@ class DtypeChoice:
     """The dtype a run uses, why, and a warning when the choice will be slow."""
 
     dtype: str  # "bfloat16" or "float32"
-    reason: str
-    warning: str | None = None
+    reason: str  # one sentence naming the CPU kind or the GPU
+    warning: str | None = None  # set only for an explicit bfloat16 on a CPU without native bf16
 
 
 def cuda_bf16_supported() -> bool:
+    """True if torch sees a CUDA device that computes bf16 (compute capability 8.0 and up)."""
     try:
         import torch
 
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     except Exception:  # no torch, or a broken CUDA set-up: treat as no bf16
         return False
+
+
+def _cuda_name() -> str | None:
+    """The first GPU and its compute capability, for the dtype reason; None if torch sees none."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"{torch.cuda.get_device_name(0)}, compute capability {major}.{minor}"
+    except Exception:  # no torch, or a broken CUDA set-up
+        return None
 
 
 def resolve_dtype(
@@ -133,26 +173,59 @@ def resolve_dtype(
 
     auto: bfloat16 where the device computes it natively, float32 elsewhere.
     An explicit dtype is kept; an explicit bfloat16 on a CPU without native bf16
-    comes with a warning that says why it is slow and what to set.
+    comes with a warning that says why it is slow and what to set instead.
+    `cpu` defaults to this machine's; `cuda_bf16` defaults to asking torch.
     """
-    if requested not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {requested!r}")
+    if requested not in DTYPE_SETTINGS:
+        raise ValueError(f"model.dtype must be one of {', '.join(DTYPE_SETTINGS)}, got {requested!r}")
+    if device not in DEVICES:
+        raise ValueError(f"run.device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda":
-        native = cuda_bf16_supported() if cuda_bf16 is None else cuda_bf16
-        where = "this GPU computes bf16" if native else "this GPU has no bf16 support"
-        if requested == "auto":
-            return DtypeChoice("bfloat16" if native else "float32", f"auto: {where}")
-        return DtypeChoice(requested, f"set explicitly ({where})")
-    cpu = cpu or read_cpu_info()
-    where = f"{cpu.model}, {cpu.kind}"
+        return _resolve_cuda(requested, cuda_bf16)
+    return _resolve_cpu(requested, cpu or read_cpu_info())
+
+
+def _resolve_cuda(requested: str, cuda_bf16: bool | None) -> DtypeChoice:
+    """The choice on a GPU: bf16 where torch says the device supports it."""
+    if cuda_bf16 is None:
+        name = _cuda_name()
+        native = name is not None and cuda_bf16_supported()
+        gpu = f"the GPU ({name})" if name else None
+    else:
+        native, gpu = cuda_bf16, "the GPU"
+    can = f"{gpu} {'supports' if native else 'does not support'} bf16" if gpu else "torch sees no CUDA device"
     if requested == "auto":
-        dtype = "bfloat16" if cpu.native_bf16 else "float32"
-        return DtypeChoice(dtype, f"auto: {where}")
+        dtype = "bfloat16" if native else "float32"
+        return DtypeChoice(dtype, f"auto chose {dtype}: {can}.")
+    return DtypeChoice(requested, f"model.dtype={requested} was set explicitly; {can}.")
+
+
+def _resolve_cpu(requested: str, cpu: CpuInfo) -> DtypeChoice:
+    """The choice on a CPU: bf16 only where it runs in hardware; warn when told to emulate it."""
+    where = f"the CPU ({cpu.model}) is {cpu.kind}"
+    if requested == "auto":
+        if cpu.native_bf16:
+            return DtypeChoice("bfloat16", f"auto chose bfloat16: {where}, so bf16 runs in hardware.")
+        return DtypeChoice("float32", f"auto chose float32: {where}, so bf16 would be emulated, far slower.")
     warning = None
     if requested == "bfloat16" and not cpu.native_bf16:
         warning = (
-            f"model.dtype=bfloat16 on a CPU without native bf16 ({where}): bf16 matrix products are "
-            "emulated there, about 70x slower than float32, and a run about 25x slower end to end. "
-            "Set model.dtype=auto (or float32) unless you are checking bf16 numerics"
+            f"model.dtype=bfloat16, but {where}: bf16 matrix products are emulated there, about 70x slower "
+            "than float32, so the run will be far slower (about 25x end to end on AVX2-only machines). "
+            "Set model.dtype=auto or model.dtype=float32 unless you mean to test bf16 numerics."
         )
-    return DtypeChoice(requested, f"set explicitly ({where})", warning)
+    return DtypeChoice(requested, f"model.dtype={requested} was set explicitly; {where}.", warning)
+
+
+def actor_threads(num_cpus: float = 1.0, num_threads: int | None = None) -> int:
+    """The OpenMP / torch threads a Ray actor runs with.
+
+    An explicit `num_threads` (the config's learner.num_threads or
+    rollout.num_threads, passed as the actor's OMP_NUM_THREADS) wins; otherwise
+    Ray sets OMP_NUM_THREADS to floor(num_cpus), at least 1
+    (ray/_private/utils.py: set_omp_num_threads_if_unset). So with the default
+    num_cpus of 1 every actor computes on one thread, whatever the machine has.
+    """
+    if num_threads is not None:
+        return num_threads
+    return max(math.floor(num_cpus), 1)

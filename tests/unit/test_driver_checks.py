@@ -58,3 +58,17 @@ def test_probe_fits_the_context():
     assert probe.completion_ids == list(range(15)) and probe.prompt_ids == list(range(240))
     longest = SyncProbe(np.arange(255), np.arange(1), max_model_len=256, tolerance=0.1)
     assert len(longest.prompt_ids) + len(longest.completion_ids) <= 255 and longest.completion_ids == [0]
+
+
+def test_shared_memory_cleanup_removes_only_the_groups_own_buffers(tmp_path, monkeypatch):
+    """DeepSpeed names its buffers ..._{uid}_{addr}_{port}_{rank}; a run removes its own, never others'."""
+    import learner.worker as worker
+
+    monkeypatch.setattr(worker, "shm_prefix", lambda addr, port: f"{tmp_path}/deepspeed_allreduce_buffer_0_{addr}_{port}_")
+    ours = [tmp_path / f"deepspeed_allreduce_buffer_0_10.0.0.1_29500_{r}" for r in range(2)]
+    theirs = [tmp_path / "deepspeed_allreduce_buffer_0_10.0.0.1_29501_0", tmp_path / "unrelated"]
+    for path in ours + theirs:
+        path.write_bytes(b"x")
+    assert worker.remove_shm("10.0.0.1", 29500, rank=1) == [str(ours[1])]  # a rank's own shutdown
+    assert worker.remove_shm("10.0.0.1", 29500) == [str(ours[0])]  # the driver's sweep of the group
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in theirs)

@@ -7,14 +7,19 @@ fp32), and AMD EPYC with AVX2 only (bf16 ~70x slower than fp32).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from flywheel.hardware import read_cpu_info, resolve_dtype
+from flywheel.hardware import actor_threads, read_cpu_info, resolve_dtype
 
+# 24,600,000 kB total and 23,000,000 kB available, in bytes: x 1024.
 MEMINFO = "MemTotal:       24600000 kB\nMemFree:        20000000 kB\nMemAvailable:   23000000 kB\n"
 
 
 def _cpuinfo(model: str, vendor: str, flags: str) -> str:
+    """Two processor blocks, as /proc/cpuinfo lists them on a 2-core machine."""
     block = f"processor\t: {{i}}\nvendor_id\t: {vendor}\nmodel name\t: {model}\nflags\t\t: fpu sse2 {flags}\n\n"
     return block.format(i=0) + block.format(i=1)
 
@@ -22,45 +27,103 @@ def _cpuinfo(model: str, vendor: str, flags: str) -> str:
 INTEL_AMX = _cpuinfo("Intel(R) Xeon(R) Platinum 8480+", "GenuineIntel", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
 EPYC_BF16 = _cpuinfo("AMD EPYC", "AuthenticAMD", "avx2 avx512f avx512_bf16")
 EPYC_AVX2 = _cpuinfo("AMD EPYC", "AuthenticAMD", "avx2 fma")
+SKYLAKE = _cpuinfo("Intel(R) Xeon(R) Gold 6148", "GenuineIntel", "avx2 avx512f")  # AVX-512, no bf16
+OLD = _cpuinfo("Intel(R) Xeon(R) E5-2670", "GenuineIntel", "avx")  # before AVX2
 
 
-@pytest.mark.parametrize("text, kind, native", [
-    (INTEL_AMX, "AVX-512 + AMX (native bf16)", True),
-    (EPYC_BF16, "AVX-512 + AVX512_BF16 (native bf16)", True),
-    (EPYC_AVX2, "AVX2 only (no native bf16)", False),
+@pytest.mark.parametrize("text, model, vendor, kind, avx512, amx, native", [
+    (INTEL_AMX, "Intel(R) Xeon(R) Platinum 8480+", "GenuineIntel", "AVX-512 + AMX (native bf16)", True, True, True),
+    (EPYC_BF16, "AMD EPYC", "AuthenticAMD", "AVX-512 + AVX512_BF16 (native bf16)", True, False, True),
+    (EPYC_AVX2, "AMD EPYC", "AuthenticAMD", "AVX2 only (no native bf16)", False, False, False),
+    (SKYLAKE, "Intel(R) Xeon(R) Gold 6148", "GenuineIntel", "AVX-512 (no native bf16)", True, False, False),
 ])
-def test_kinds(text, kind, native):
+def test_parses_each_kind(text, model, vendor, kind, avx512, amx, native):
     cpu = read_cpu_info(text, MEMINFO)
-    assert cpu.kind == kind and cpu.native_bf16 is native and cpu.has_avx2
+    assert (cpu.model, cpu.vendor, cpu.kind) == (model, vendor, kind)
+    assert (cpu.has_avx2, cpu.has_avx512, cpu.has_amx, cpu.native_bf16) == (True, avx512, amx, native)
     assert cpu.memory_bytes == 24600000 * 1024 and cpu.memory_available_bytes == 23000000 * 1024
 
 
-@pytest.mark.parametrize("text, auto", [(INTEL_AMX, "bfloat16"), (EPYC_BF16, "bfloat16"), (EPYC_AVX2, "float32")])
-def test_auto_picks_bf16_only_where_native(text, auto):
+def test_before_avx2_and_without_proc():
+    old = read_cpu_info(OLD, MEMINFO)
+    assert old.kind == "no AVX2" and not old.has_avx2
+    # No /proc at all: nothing known, so no flags, "no AVX2", and auto stays on float32.
+    bare = read_cpu_info("", "")
+    assert bare.model and bare.vendor == "unknown" and bare.flags == frozenset()
+    assert bare.memory_bytes == 0 and bare.cores >= 1
+    assert resolve_dtype("auto", "cpu", bare).dtype == "float32"
+    # A truncated meminfo line reads as unknown, not as a crash.
+    assert read_cpu_info(EPYC_AVX2, "MemTotal:\n").memory_bytes == 0
+
+
+# (cpuinfo, model.dtype, chosen dtype, warned): only an explicit bf16 on the AVX2 kind warns.
+CASES = [
+    (INTEL_AMX, "auto", "bfloat16", False), (INTEL_AMX, "bfloat16", "bfloat16", False),
+    (INTEL_AMX, "float32", "float32", False),
+    (EPYC_BF16, "auto", "bfloat16", False), (EPYC_BF16, "bfloat16", "bfloat16", False),
+    (EPYC_BF16, "float32", "float32", False),
+    (EPYC_AVX2, "auto", "float32", False), (EPYC_AVX2, "bfloat16", "bfloat16", True),
+    (EPYC_AVX2, "float32", "float32", False),
+]
+
+
+@pytest.mark.parametrize("text, requested, dtype, warned", CASES)
+def test_resolve_dtype_on_cpu(text, requested, dtype, warned):
     cpu = read_cpu_info(text, MEMINFO)
-    choice = resolve_dtype("auto", "cpu", cpu)
-    assert choice.dtype == auto and choice.warning is None and cpu.kind in choice.reason
-    assert resolve_dtype("float32", "cpu", cpu) .dtype == "float32"
+    choice = resolve_dtype(requested, "cpu", cpu)
+    assert choice.dtype == dtype
+    assert (choice.warning is not None) is warned
+    assert cpu.kind in choice.reason and cpu.model in choice.reason and choice.reason.endswith(".")
 
 
-def test_explicit_bf16_without_native_support_runs_with_a_warning():
-    slow = resolve_dtype("bfloat16", "cpu", read_cpu_info(EPYC_AVX2, MEMINFO))
-    assert slow.dtype == "bfloat16"
-    assert "25x slower" in slow.warning and "model.dtype=auto" in slow.warning
-    assert resolve_dtype("bfloat16", "cpu", read_cpu_info(INTEL_AMX, MEMINFO)).warning is None
-    assert resolve_dtype("float32", "cpu", read_cpu_info(EPYC_AVX2, MEMINFO)).warning is None
+def test_explicit_bf16_warning_says_how_slow_and_what_to_set():
+    warning = resolve_dtype("bfloat16", "cpu", read_cpu_info(EPYC_AVX2, MEMINFO)).warning
+    assert "AVX2 only" in warning and "25x" in warning
+    assert "model.dtype=auto" in warning and "model.dtype=float32" in warning
 
 
-def test_cuda_follows_the_gpu():
-    assert resolve_dtype("auto", "cuda", cuda_bf16=True).dtype == "bfloat16"
-    assert resolve_dtype("auto", "cuda", cuda_bf16=False).dtype == "float32"
+@pytest.mark.parametrize("requested, bf16, dtype, word", [
+    ("auto", True, "bfloat16", "supports"),
+    ("auto", False, "float32", "does not support"),
+    ("bfloat16", False, "bfloat16", "does not support"),  # explicit is kept
+    ("float32", True, "float32", "supports"),
+])
+def test_cuda_follows_the_gpu(requested, bf16, dtype, word):
+    choice = resolve_dtype(requested, "cuda", cuda_bf16=bf16)
+    assert choice.dtype == dtype and choice.warning is None
+    assert f"GPU {word} bf16" in choice.reason
 
 
-def test_unknown_dtype_names_the_valid_ones():
+def test_cuda_without_a_visible_gpu_stays_on_float32():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    choice = resolve_dtype("auto", "cuda")
+    assert (choice.dtype, choice.reason) == ("float32", "auto chose float32: torch sees no CUDA device.")
+
+
+def test_bad_values_name_the_valid_ones():
     with pytest.raises(ValueError, match="model.dtype must be one of auto, bfloat16, float32, got 'fp16'"):
         resolve_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="run.device must be one of cpu, cuda, got 'tpu'"):
+        resolve_dtype("auto", "tpu")
 
 
-def test_this_machine_parses():
+@pytest.mark.parametrize("num_cpus, num_threads, threads", [
+    (1.0, None, 1),  # Ray's default: one thread per actor
+    (0.5, None, 1),  # a fraction still gets one
+    (2.5, None, 2),  # floor
+    (1.0, 2, 2),  # learner.num_threads: 2 in the demo config
+])
+def test_actor_threads_follow_ray(num_cpus, num_threads, threads):
+    assert actor_threads(num_cpus, num_threads) == threads
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc")
+def test_this_machine_matches_proc():
     cpu = read_cpu_info()
-    assert cpu.cores >= 1 and cpu.model
+    models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("model name")]
+    if models:  # x86; ARM's /proc/cpuinfo has no model name
+        assert cpu.model == models[0]
+    assert cpu.cores == len(os.sched_getaffinity(0)) and cpu.memory_bytes > 0

@@ -21,13 +21,6 @@ from learner.config import LearnerConfig
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def policy_path() -> str:
-    from flywheel.tiny_model import ensure_embedded_model
-
-    return str(ensure_embedded_model("policy"))
-
-
 def _worker(policy_path: str, zero_stage: int, dtype: str = "float32", ref_path: str | None = None, **ppo):
     from learner.worker import LearnerSetup, LearnerWorker
 

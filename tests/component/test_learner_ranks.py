@@ -85,13 +85,6 @@ def _train(policy_path: str, world: int, zero_stage: int):
                 p.kill()
 
 
-@pytest.fixture(scope="module")
-def policy_path() -> str:
-    from flywheel.tiny_model import ensure_embedded_model
-
-    return str(ensure_embedded_model("policy"))
-
-
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_one_and_two_ranks_make_the_same_update(policy_path, zero_stage):
     exp1, stats1, w1 = _train(policy_path, world=1, zero_stage=zero_stage)

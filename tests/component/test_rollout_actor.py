@@ -16,13 +16,6 @@ MAX_MODEL_LEN = 128
 
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    from flywheel.tiny_model import ensure_embedded_model
-
-    return ensure_embedded_model("policy")
-
-
-@pytest.fixture(scope="module")
 def tokenizer(model_path):
     from transformers import AutoTokenizer
 

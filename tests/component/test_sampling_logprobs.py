@@ -25,13 +25,6 @@ N = 2
 
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    from flywheel.tiny_model import ensure_embedded_model
-
-    return ensure_embedded_model("policy")
-
-
-@pytest.fixture(scope="module")
 def worker(model_path):
     from actors.rollout import RolloutWorker
 

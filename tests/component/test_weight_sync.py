@@ -93,13 +93,6 @@ def _get(results, expected: str):
 
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    from flywheel.tiny_model import ensure_embedded_model
-
-    return ensure_embedded_model("policy")
-
-
-@pytest.fixture(scope="module")
 def linked(model_path):
     """(worker, commands, results): a vLLM actor and a sender process in one group."""
     from actors.rollout import RolloutWorker

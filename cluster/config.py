@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from flywheel.settings import setting
-from learner.config import LearnerConfig
+from learner.config import NEEDS_CRITIC, NEEDS_GROUPS, LearnerConfig
 
 
 class ConfigError(ValueError):
@@ -149,6 +149,16 @@ def _check_cross_fields(cfg: FlywheelConfig) -> None:
             "learner.kl_estimator: k1 with learner.kl_mode=loss has zero expected gradient on the policy's own "
             "samples (E[grad log p] = 0), so the KL term would do nothing; use k2, whose gradient is the KL's, "
             "or learner.kl_mode=reward"
+        )
+    if cfg.learner.advantage in NEEDS_GROUPS and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(
+            f"learner.advantage: {cfg.learner.advantage} compares samples of the same prompt, so it needs "
+            f"rollout.samples_per_prompt >= 2, got {cfg.rollout.samples_per_prompt}"
+        )
+    if cfg.learner.advantage not in NEEDS_CRITIC and cfg.learner.critic_warmup_steps:
+        raise ConfigError(
+            f"learner.critic_warmup_steps: {cfg.learner.advantage} trains no critic, so warm-up steps would "
+            f"train nothing; set it to 0 (got {cfg.learner.critic_warmup_steps})"
         )
     if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
         raise ConfigError("sync.backend: nccl needs run.device=cuda; use gloo or auto on cpu")

@@ -147,6 +147,7 @@ class LearnerGroup:
                     model_path=model_path, rank=i, world_size=lc.world_size, master_addr=addr, master_port=port,
                     device=cfg.run.device, dtype=dtype, zero_stage=lc.zero_stage, seed=cfg.run.seed,
                     dist_timeout_s=cfg.run.step_timeout_s, sampling=sampling_settings(cfg),
+                    group_size=cfg.rollout.samples_per_prompt,
                 ),
                 lc,
             )

@@ -100,6 +100,7 @@ class ExperienceStats:
     """Scalars from making one step's experience, over the whole step's batch."""
 
     kl: float  # mean per-sequence KL(policy || reference) estimate, summed over tokens
+    kl_coef: float  # the KL coefficient this step used (adapted between steps when learner.kl_target is set)
     reward_mean: float  # mean total reward per sequence (score minus the KL penalty if in the reward)
     score_mean: float  # mean reward-service score
     advantage_mean: float  # token mean of the advantages before whitening

@@ -188,6 +188,31 @@ def _broadcast(seq_advantages: Tensor, token_rewards: Tensor, mask: Tensor) -> A
     return AdvantageOutput(advantages, returns)
 
 
+def grpo_reference_loop(token_rewards: Tensor, mask: Tensor, group_index: Tensor, eps: float = 1e-6) -> Tensor:
+    """GRPO's per-row advantage (B,) written as plain loops over groups; a check on `grpo`."""
+    scores = [float(token_rewards[i][mask[i].bool()].sum()) for i in range(len(group_index))]
+    out = []
+    for i, g in enumerate(group_index.tolist()):
+        members = [scores[j] for j, h in enumerate(group_index.tolist()) if h == g]
+        if len(members) == 1:
+            out.append(scores[i])
+            continue
+        mean = sum(members) / len(members)
+        std = (sum((x - mean) ** 2 for x in members) / (len(members) - 1)) ** 0.5
+        out.append((scores[i] - mean) / (std + eps))
+    return torch.tensor(out)
+
+
+def rloo_reference_loop(token_rewards: Tensor, mask: Tensor, group_index: Tensor) -> Tensor:
+    """RLOO's per-row advantage (B,) written as plain loops over groups; a check on `rloo`."""
+    scores = [float(token_rewards[i][mask[i].bool()].sum()) for i in range(len(group_index))]
+    out = []
+    for i, g in enumerate(group_index.tolist()):
+        others = [scores[j] for j, h in enumerate(group_index.tolist()) if h == g and j != i]
+        out.append(scores[i] - (sum(others) / len(others) if others else 0.0))
+    return torch.tensor(out)
+
+
 def reinforce_pp(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> AdvantageOutput:
     """REINFORCE++ (Hu, "REINFORCE++: A Simple and Efficient Approach for
     Aligning Large Language Models", 2025): the discounted return-to-go of the
@@ -196,6 +221,26 @@ def reinforce_pp(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Adv
     """
     returns = torch.where(mask.bool(), discounted_returns(token_rewards, mask, gamma), 0.0)
     return AdvantageOutput(masked_whiten(returns, mask), returns)
+
+
+def reinforce_pp_baseline(
+    token_rewards: Tensor, mask: Tensor, group_index: Tensor, gamma: float = 1.0
+) -> AdvantageOutput:
+    """REINFORCE++ with a group baseline (Hu, 2025, the "REINFORCE++-baseline"
+    variant): the mean sequence reward of the prompt's group is subtracted at
+    each row's last token before the return-to-go is taken and whitened over
+    the batch. It removes the prompt's difficulty from the signal, as GRPO does,
+    without dividing by the group's std. (B, T), (B, T), (B,) -> (B, T) x 2
+    """
+    scores = _sequence_scores(token_rewards, mask)
+    size, total, _ = _group_stats(scores, group_index)
+    baseline = torch.where(size > 1, total / size, 0.0)
+    real = mask.bool()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    shifted = torch.where(real, token_rewards, 0.0).index_put(
+        (rows, real.sum(-1) - 1), -baseline.to(token_rewards.dtype), accumulate=True
+    )
+    return reinforce_pp(shifted, mask, gamma)
 
 
 # ---------------------------------------------------------------- registry
@@ -217,11 +262,16 @@ def _reinforce_pp_entry(x: AdvantageInputs) -> AdvantageOutput:
     return reinforce_pp(x.token_rewards, x.mask, x.gamma)
 
 
+def _reinforce_pp_baseline_entry(x: AdvantageInputs) -> AdvantageOutput:
+    return reinforce_pp_baseline(x.token_rewards, x.mask, x.require("group_index", "reinforce_pp_baseline"), x.gamma)
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[AdvantageInputs], AdvantageOutput]] = {
     "gae": _gae_entry,
     "grpo": _grpo_entry,
     "rloo": _rloo_entry,
     "reinforce_pp": _reinforce_pp_entry,
+    "reinforce_pp_baseline": _reinforce_pp_baseline_entry,
 }
 
 

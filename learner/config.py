@@ -29,10 +29,25 @@ class LearnerConfig:
     value_coef: float = setting(1.0, "scale of the value loss", min=0)
     gamma: float = setting(1.0, "discount", min=0, max=1)
     lam: float = setting(0.95, "GAE lambda", min=0, max=1)
-    kl_coef: float = setting(0.05, "weight of the KL(policy || reference) penalty", min=0)
+    kl_coef: float = setting(0.05, "weight of the KL(policy || reference) penalty (the start value when kl_target is set)", min=0)
+    kl_target: float | None = setting(
+        None, "KL per sequence (nats) the adaptive controller of Ziegler et al. (2019) steers kl_coef towards; "
+        "null keeps kl_coef fixed", gt=0)
+    kl_horizon: int = setting(10_000, "samples over which the adaptive controller makes a full 20% correction", min=1)
     kl_estimator: Literal["k1", "k2", "k3"] = setting("k1", "per-token KL estimator")
     kl_mode: Literal["reward", "loss"] = setting("reward", "KL penalty subtracted from the reward, or added to the policy loss")
-    advantage_estimator: Literal["gae"] = setting("gae", "advantage estimator (critic-free ones come with their stage)")
-    whiten_advantages: bool = setting(True, "normalise advantages over the batch")
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = setting(
+        "gae", "advantage estimator: gae (with a critic), or the critic-free grpo, rloo, reinforce_pp, "
+        "reinforce_pp_baseline (no critic is built)")
+    whiten_advantages: bool = setting(
+        True, "normalise gae and rloo advantages over the whole batch (grpo and reinforce_pp normalise their own)")
     max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
     critic_warmup_steps: int = setting(0, "steps that train only the critic", min=0)
+
+
+# Estimators that read a critic's values; for the others no critic is built or trained.
+NEEDS_CRITIC = frozenset({"gae"})
+# Estimators whose baseline is the other samples of the same prompt (rollout.samples_per_prompt >= 2).
+NEEDS_GROUPS = frozenset({"grpo", "rloo", "reinforce_pp_baseline"})
+# Estimators that already normalise their output; whiten_advantages applies to the others.
+SELF_NORMALISING = frozenset({"grpo", "reinforce_pp", "reinforce_pp_baseline"})

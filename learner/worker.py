@@ -31,8 +31,9 @@ import torch
 
 from flywheel.records import ExperienceStats, SamplingSettings, ScoredRollout, TrainStats, WeightSpec, WeightSyncMeta
 from learner.advantages import AdvantageInputs, compute_advantages, token_level_rewards
-from learner.config import LearnerConfig
+from learner.config import NEEDS_CRITIC, SELF_NORMALISING, LearnerConfig
 from learner.distributed import all_gather_rows, all_reduce_mean
+from learner.kl_control import KLController
 from learner.experience import Experience, TokenBatch, critic_forward, pad_batch, policy_forward, tokens_from_scored
 from learner.losses import kl_penalty, masked_mean, masked_sum, masked_whiten, policy_loss_clipped, value_loss_clipped
 from learner.models import DTYPES, Critic, load_causal_lm
@@ -56,6 +57,7 @@ class LearnerSetup:
     dist_timeout_s: float
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     ref_model_path: str | None = None  # the frozen KL reference; None: the starting policy
+    group_size: int = 1  # samples per prompt: rows i*g .. i*g+g-1 of a step answer one prompt
 
 
 def shm_prefix(master_addr: str, master_port: int) -> str:
@@ -116,9 +118,11 @@ class LearnerWorker:
 
         mb_per_rank = ppo.minibatch_size // setup.world_size
         policy = load_causal_lm(setup.model_path, "float32")
-        critic = Critic(setup.model_path, "float32")
         self.policy = self._engine(policy, ppo.lr, mb_per_rank)
-        self.critic = self._engine(critic, ppo.critic_lr, mb_per_rank)
+        # Critic-free estimators (GRPO, RLOO, REINFORCE++) need no second trunk at all.
+        self.critic = (self._engine(Critic(setup.model_path, "float32"), ppo.critic_lr, mb_per_rank)
+                       if ppo.advantage in NEEDS_CRITIC else None)
+        self.kl = KLController(coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
         ref_path = setup.ref_model_path or setup.model_path
         self.ref = load_causal_lm(ref_path, setup.dtype).to(self.device).eval().requires_grad_(False)
         self._experience: Experience | None = None
@@ -191,7 +195,7 @@ class LearnerWorker:
         for chunk in self._chunks(mine):
             old.append(policy_forward(self.policy, chunk, sampling)[0])
             ref.append(policy_forward(self.ref, chunk, sampling)[0])
-            values.append(critic_forward(self.critic, chunk))
+            values.append(critic_forward(self.critic, chunk) if self.critic else torch.zeros_like(old[-1]))
         old_logprobs = all_gather_rows(torch.cat(old), self.device)
         ref_logprobs = all_gather_rows(torch.cat(ref), self.device)
         values = all_gather_rows(torch.cat(values), self.device)
@@ -199,14 +203,21 @@ class LearnerWorker:
         mask = tokens.mask
         scores = scores.to(self.device)
         kl = torch.where(mask.bool(), kl_penalty(old_logprobs, ref_logprobs, self.ppo.kl_estimator), 0.0)
-        kl_in_reward = self.ppo.kl_coef if self.ppo.kl_mode == "reward" else 0.0
-        token_rewards = token_level_rewards(scores, kl, mask, kl_in_reward)
+        kl_coef = self.kl.coef  # this step's coefficient; the controller adapts it for the next
+        token_rewards = token_level_rewards(scores, kl, mask, kl_coef if self.ppo.kl_mode == "reward" else 0.0)
+        n = scores.shape[0]
+        groups = torch.arange(n, device=self.device) // self.setup.group_size
         adv = compute_advantages(
-            self.ppo.advantage_estimator,
-            AdvantageInputs(token_rewards=token_rewards, mask=mask, values=values, gamma=self.ppo.gamma, lam=self.ppo.lam),
+            self.ppo.advantage,
+            AdvantageInputs(token_rewards=token_rewards, mask=mask, values=values, group_index=groups,
+                            gamma=self.ppo.gamma, lam=self.ppo.lam),
         )
-        # The whole batch is here, so this is the global whitening on every rank.
-        advantages = masked_whiten(adv.advantages, mask) if self.ppo.whiten_advantages else adv.advantages
+        advantages = adv.advantages
+        if self.ppo.whiten_advantages and self.ppo.advantage not in SELF_NORMALISING:
+            # The whole batch is here, so this is the global whitening on every rank.
+            advantages = masked_whiten(advantages, mask)
+        seq_kl = masked_sum(kl, mask, dim=-1).mean().item()
+        self.kl.update(seq_kl, n)
         sample_logprobs = sample_logprobs.to(self.device)
         self._experience = Experience(
             tokens=tokens, scores=scores, sample_logprobs=sample_logprobs,
@@ -214,7 +225,8 @@ class LearnerWorker:
             advantages=advantages, returns=adv.returns,
         )
         return ExperienceStats(
-            kl=masked_sum(kl, mask, dim=-1).mean().item(),
+            kl=seq_kl,
+            kl_coef=kl_coef,
             reward_mean=masked_sum(token_rewards, mask, dim=-1).mean().item(),
             score_mean=scores.mean().item(),
             advantage_mean=masked_mean(adv.advantages, mask).item(),
@@ -246,7 +258,8 @@ class LearnerWorker:
         sums: dict[str, float] = {}
         count = 0
         self.policy.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         for _ in range(ppo.ppo_epochs):
             perm = torch.randperm(n, generator=gen).to(self.device)
             for start in range(0, n, size):
@@ -281,7 +294,7 @@ class LearnerWorker:
             loss = pl.loss
             kl_loss = torch.zeros(())
             if self.ppo.kl_mode == "loss":
-                kl_loss = self.ppo.kl_coef * masked_mean(kl_penalty(logprobs, mb.ref_logprobs, self.ppo.kl_estimator), mask)
+                kl_loss = self.kl.coef * masked_mean(kl_penalty(logprobs, mb.ref_logprobs, self.ppo.kl_estimator), mask)
                 loss = loss + kl_loss
             self.policy.backward(scale * loss)
             self.policy.step()
@@ -290,11 +303,13 @@ class LearnerWorker:
                 approx_kl=scale * pl.approx_kl.item(), entropy=scale * masked_mean(entropy, mask).item(),
                 kl_loss=scale * kl_loss.item(), grad_norm=float(self.policy.get_global_grad_norm() or 0.0),
             )
-        values = critic_forward(self.critic, mb.tokens)
-        vl = value_loss_clipped(values, mb.values, mb.returns, mask, self.ppo.value_clip_eps)
-        self.critic.backward(scale * self.ppo.value_coef * vl.loss)
-        self.critic.step()
-        out.update(value_loss=scale * vl.loss.item(), value_clipfrac=scale * vl.clipfrac.item())
+        out.update(value_loss=0.0, value_clipfrac=0.0)
+        if self.critic is not None:
+            values = critic_forward(self.critic, mb.tokens)
+            vl = value_loss_clipped(values, mb.values, mb.returns, mask, self.ppo.value_clip_eps)
+            self.critic.backward(scale * self.ppo.value_coef * vl.loss)
+            self.critic.step()
+            out.update(value_loss=scale * vl.loss.item(), value_clipfrac=scale * vl.clipfrac.item())
         return out
 
     # ---------------------------------------------------------------- weights out

@@ -21,13 +21,14 @@ from learner.config import LearnerConfig
 pytestmark = pytest.mark.timeout(600)
 
 
-def _worker(policy_path: str, zero_stage: int, dtype: str = "float32", ref_path: str | None = None, **ppo):
+def _worker(policy_path: str, zero_stage: int, dtype: str = "float32", ref_path: str | None = None,
+            group_size: int = 1, **ppo):
     from learner.worker import LearnerSetup, LearnerWorker
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     setup = LearnerSetup(model_path=policy_path, rank=0, world_size=1, master_addr="127.0.0.1",
                          master_port=free_port(), device="cpu", dtype=dtype, zero_stage=zero_stage, seed=0,
-                         dist_timeout_s=120, ref_model_path=ref_path)
+                         dist_timeout_s=120, ref_model_path=ref_path, group_size=group_size)
     return LearnerWorker(setup, LearnerConfig(**{"minibatch_size": 8, **ppo}))
 
 
@@ -39,7 +40,7 @@ def _scored(policy_path: str, rewarded_token: int, n: int = 16, seed: int = 0) -
     rng = np.random.default_rng(seed)
     prompt = np.asarray(tok("Write about animals:")["input_ids"], dtype=np.int32)
     completions = [rng.integers(5, tok.vocab_size, size=rng.integers(3, 9)).astype(np.int32) for _ in range(n)]
-    for c in completions[: n // 2]:
+    for c in completions[0::4] + completions[1::4]:  # two of every four, so each group of 4 has a contrast
         c[rng.random(len(c)) < 0.5] = rewarded_token
     scores = np.array([np.mean(c == rewarded_token) for c in completions], dtype=np.float32)
     rollout = Rollout(prompts=["Write about animals:"] * n, prompt_ids=[prompt] * n, completions=[""] * n,
@@ -67,12 +68,17 @@ def test_logprobs_match_transformers(policy_path):
         _teardown(worker)
 
 
-@pytest.mark.parametrize("zero_stage, kl_mode", [(2, "reward"), (3, "reward"), (2, "loss")])
-def test_ppo_update_raises_rewarded_token_probability(policy_path, zero_stage, kl_mode):
+@pytest.mark.parametrize("zero_stage, kl_mode, advantage", [
+    (2, "reward", "gae"), (3, "reward", "gae"), (2, "loss", "gae"),
+    (2, "reward", "grpo"), (2, "reward", "rloo"), (3, "reward", "reinforce_pp"), (2, "loss", "reinforce_pp_baseline"),
+])
+def test_ppo_update_raises_rewarded_token_probability(policy_path, zero_stage, kl_mode, advantage):
     rewarded = 77
     estimator = "k2" if kl_mode == "loss" else "k1"
+    # Groups of 4 samples per prompt: half of each group carries the rewarded token (see _scored).
     worker = _worker(policy_path, zero_stage=zero_stage, lr=3e-3, ppo_epochs=4, kl_coef=0.01, kl_mode=kl_mode,
-                     kl_estimator=estimator)
+                     kl_estimator=estimator, advantage=advantage, group_size=4)
+    assert (worker.critic is None) == (advantage != "gae")  # critic-free estimators build no critic
     try:
         prompt = _scored(policy_path, rewarded).rollout.prompt_ids[0].tolist()
         before = worker.sequence_logprobs(prompt, [rewarded])[0]

@@ -15,6 +15,9 @@ from learner.advantages import (
     gae_reference_loop,
     grpo,
     reinforce_pp,
+    reinforce_pp_baseline,
+    grpo_reference_loop,
+    rloo_reference_loop,
     rloo,
     token_level_rewards,
 )
@@ -143,11 +146,37 @@ def test_reinforce_pp_by_hand():
     close(returns, [[0.5, 1.0], [2.0, 0.0]])
 
 
+def test_reinforce_pp_baseline_by_hand():
+    # Two prompts, two samples each, one token per sample, gamma 1.
+    # group 0: rewards 1, 3 -> mean 2 -> shifted -1, +1; group 1: rewards 5, 5 -> 0, 0.
+    # Whitened over the 4 tokens: mean 0, population std sqrt(2 / 4) = 0.70711
+    # -> -1.41421, +1.41421, 0, 0. Returns are the shifted rewards before whitening.
+    rewards = torch.tensor([[1.0], [3.0], [5.0], [5.0]])
+    advantages, returns = reinforce_pp_baseline(rewards, torch.ones(4, 1), torch.tensor([0, 0, 1, 1]))
+    close(returns, [[-1.0], [1.0], [0.0], [0.0]])
+    close(advantages, [[-1.41421], [1.41421], [0.0], [0.0]])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grpo_and_rloo_vectorised_match_plain_loops(seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, t = 24, 7
+    rewards = torch.randn(b, t, generator=gen)
+    lengths = torch.randint(1, t + 1, (b,), generator=gen)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    rewards = torch.where(mask.bool(), rewards, GARBAGE)
+    groups = torch.randint(0, 7, (b,), generator=gen) * 10  # ragged groups, some of one, ids not 0..G-1
+    got, _ = grpo(rewards, mask, groups)
+    close(got[:, 0], grpo_reference_loop(rewards, mask, groups), atol=1e-4)
+    got, _ = rloo(rewards, mask, groups)
+    close(got[:, 0], rloo_reference_loop(rewards, mask, groups), atol=1e-4)
+
+
 # ---------------------------------------------------------------- registry
 
 
 def test_registry_dispatches_to_the_named_function():
-    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "rloo", "reinforce_pp"}
+    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"}
     inputs = AdvantageInputs(
         token_rewards=TOKEN_REWARDS,
         mask=MASK,
@@ -170,7 +199,7 @@ def test_registry_dispatches_to_the_named_function():
 
 def test_registry_errors_say_what_is_valid_or_missing():
     inputs = AdvantageInputs(token_rewards=TOKEN_REWARDS, mask=MASK)
-    with pytest.raises(ValueError, match=r"'gae', 'grpo', 'reinforce_pp', 'rloo'"):
+    with pytest.raises(ValueError, match=r"'gae', 'grpo', 'reinforce_pp', 'reinforce_pp_baseline', 'rloo'"):
         compute_advantages("ppo", inputs)
     with pytest.raises(ValueError, match=r"'gae' needs AdvantageInputs\.values"):
         compute_advantages("gae", inputs)

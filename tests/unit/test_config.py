@@ -35,6 +35,11 @@ def test_shipped_configs_load_and_carry_a_header(path):
         (["learner.kl_mode=loss"], "learner.kl_estimator: k1 with learner.kl_mode=loss has zero expected gradient"),
         (["model.dtype=float16"], "model.dtype: must be one of 'auto', 'bfloat16', 'float32', got 'float16'"),
         (["rollout.top_k=-1"], "rollout.top_k: must be >= 0, got -1"),
+        (["learner.advantage=grpo", "rollout.samples_per_prompt=1"],
+         "learner.advantage: grpo compares samples of the same prompt, so it needs rollout.samples_per_prompt >= 2"),
+        (["learner.advantage=rloo", "rollout.samples_per_prompt=2", "learner.critic_warmup_steps=3"],
+         "learner.critic_warmup_steps: rloo trains no critic"),
+        (["learner.advantage=ppo"], "learner.advantage: must be one of 'gae', 'grpo', 'rloo'"),
         (["run.steps"], "expected key=value"),
     ],
 )
@@ -82,3 +87,14 @@ def test_every_field_is_documented():
     lines = describe()
     assert len(lines) > 40
     assert all("#" in line and line.split("#", 1)[1].strip() for line in lines)
+
+
+def test_every_advantage_name_in_the_config_is_registered():
+    import typing
+
+    from learner.advantages import ADVANTAGE_ESTIMATORS
+    from learner.config import NEEDS_CRITIC, NEEDS_GROUPS, SELF_NORMALISING, LearnerConfig
+
+    names = set(typing.get_args(typing.get_type_hints(LearnerConfig)["advantage"]))
+    assert names == set(ADVANTAGE_ESTIMATORS)
+    assert (NEEDS_CRITIC | NEEDS_GROUPS | SELF_NORMALISING) <= names

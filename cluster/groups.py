@@ -190,7 +190,7 @@ class LearnerGroup:
         A rank that is dead or stuck is killed anyway, and the group's
         shared-memory buffers on this node are removed on its behalf.
         """
-        from learner.worker import remove_shm
+        from learner.engine import remove_shm
 
         try:
             ray.get([r.shutdown.remote() for r in self.ranks], timeout=timeout_s)

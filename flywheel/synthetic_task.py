@@ -22,8 +22,6 @@ library and numpy are imported at module import; `datasets` is imported inside
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -31,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from flywheel.task_splits import draw_cycled, split_pool, write_jsonl
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -204,16 +204,6 @@ def gold_rewards(prompts: list[str], completions: list[str]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- prompts
 
-EVAL_ONE_IN = 5  # about one prompt in five is held out for evaluation
-
-
-def _is_eval(prompt: str) -> bool:
-    # A stable hash of the text (not Python's salted hash, not the seed), so a
-    # prompt is in the same split in every process and for every seed.
-    digest = hashlib.sha256(prompt.encode()).digest()
-    return int.from_bytes(digest[:8], "little") % EVAL_ONE_IN == 0
-
-
 def all_prompts() -> list[str]:
     """Every prompt of the task (both splits), in a fixed order."""
     return [
@@ -226,20 +216,12 @@ def all_prompts() -> list[str]:
 
 def prompt_pool(split: str) -> list[str]:
     """All prompts of one split ("train" or "eval"); the two pools are disjoint."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    want_eval = split == "eval"
-    return [p for p in all_prompts() if _is_eval(p) == want_eval]
+    return split_pool(all_prompts(), split)
 
 
 def make_prompts(n: int, seed: int, split: str = "train") -> list[str]:
     """n prompts of one split: the pool shuffled by `seed`, cycled if n exceeds it."""
-    pool = prompt_pool(split)
-    rng = np.random.default_rng(seed)
-    out: list[str] = []
-    while len(out) < n:
-        out.extend(pool[i] for i in rng.permutation(len(pool)))
-    return out[:n]
+    return draw_cycled(prompt_pool(split), n, seed)
 
 
 # ------------------------------------------------------------------ demonstrations / pairs
@@ -369,14 +351,6 @@ DEFAULT_SIZES: dict[str, int] = {
 }
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 def write_datasets(
     out_dir: str | os.PathLike, seed: int, sizes: dict[str, int] | None = None
 ) -> dict[str, Path]:
@@ -400,7 +374,7 @@ def write_datasets(
     paths = {}
     for name, n in sizes.items():
         paths[name] = out / f"{name}.jsonl"
-        _write_jsonl(paths[name], makers[name](n))
+        write_jsonl(paths[name], makers[name](n))
     return paths
 
 

@@ -216,18 +216,24 @@ class BradleyTerryOutput(NamedTuple):
 
 
 def bradley_terry_loss(
-    chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | float | None = None
+    chosen_scores: Tensor,
+    rejected_scores: Tensor,
+    margin: Tensor | float | None = None,
+    weights: Tensor | None = None,
 ) -> BradleyTerryOutput:
     """Reward-model loss -log sigmoid(r_chosen - r_rejected - margin), mean over pairs.
 
     Bradley & Terry (1952) as used by Ouyang et al., "Training language models
     to follow instructions with human feedback" (2022); the optional margin is
     Llama 2's (Touvron et al., 2023). Scores (B,), margin a float or (B,).
+    `weights` (B,) make it a weighted mean: the pairs expanded from one ranking
+    of K completions share weight 1, as InstructGPT weighs each prompt once.
     """
     diff = chosen_scores - rejected_scores
     if margin is not None:
         diff = diff - margin
-    loss = -F.logsigmoid(diff).mean()
+    losses = -F.logsigmoid(diff)
+    loss = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
     with torch.no_grad():
         accuracy = (chosen_scores > rejected_scores).float().mean()
     return BradleyTerryOutput(loss, accuracy)
@@ -258,3 +264,30 @@ def dpo_loss(
     logits = beta * (chosen - rejected)
     losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return DPOOutput(losses.mean(), beta * chosen.detach(), beta * rejected.detach())
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> DPOOutput:
+    """IPO loss of Azar et al., "A General Theoretical Paradigm to Understand
+    Learning from Human Preferences" (2023): (h - 1 / (2 beta))^2 with
+    h = (policy - ref) logp of chosen minus that of rejected. Unlike DPO's
+    sigmoid it does not keep pushing h once the pair is separated by 1 / (2 beta),
+    which curbs overfitting to deterministic preferences. Inputs (B,) are
+    completion logprobs averaged over tokens, as in TRL's IPO: with sums, h
+    spreads with completion length and the squared loss chases the long pairs.
+    """
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    losses = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
+    return DPOOutput(losses.mean(), beta * chosen.detach(), beta * rejected.detach())
+
+
+# The preference losses trained on pairs directly, chosen by `dpo.loss`, and whether each
+# takes completion logprobs averaged over tokens (True) or summed (False).
+PREFERENCE_LOSSES: dict[str, Callable[..., DPOOutput]] = {"dpo": dpo_loss, "ipo": ipo_loss}
+AVERAGED_LOGPS: dict[str, bool] = {"dpo": False, "ipo": True}

@@ -18,69 +18,26 @@ the weight-transfer group with the rollout actors and sends.
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from flywheel.records import ExperienceStats, SamplingSettings, ScoredRollout, TrainStats, WeightSpec, WeightSyncMeta
+from flywheel.records import ExperienceStats, ScoredRollout, TrainStats, WeightSpec, WeightSyncMeta
 from learner.advantages import AdvantageInputs, compute_advantages, token_level_rewards
 from learner.config import NEEDS_CRITIC, SELF_NORMALISING, LearnerConfig
 from learner.distributed import all_gather_rows, all_reduce_mean
+from learner.engine import (
+    LearnerSetup, full_parameters, join_group, leave_group, make_engine, pad_token_id, save_hf,
+)
 from learner.kl_control import KLController
 from learner.experience import Experience, TokenBatch, critic_forward, pad_batch, policy_forward, tokens_from_scored
 from learner.losses import kl_penalty, masked_mean, masked_sum, masked_whiten, policy_loss_clipped, value_loss_clipped
-from learner.models import DTYPES, Critic, load_causal_lm
+from learner.models import Critic, load_causal_lm
 
 log = logging.getLogger("flywheel.learner")
-
-
-@dataclass
-class LearnerSetup:
-    """What one rank needs to start; built by cluster/ from the run config."""
-
-    model_path: str
-    rank: int
-    world_size: int
-    master_addr: str
-    master_port: int
-    device: str  # "cpu" or "cuda"
-    dtype: str  # "bfloat16" or "float32", already resolved for the hardware
-    zero_stage: int
-    seed: int
-    dist_timeout_s: float
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    ref_model_path: str | None = None  # the frozen KL reference; None: the starting policy
-    group_size: int = 1  # samples per prompt: rows i*g .. i*g+g-1 of a step answer one prompt
-
-
-def shm_prefix(master_addr: str, master_port: int) -> str:
-    """Path prefix of DeepSpeed's shared-memory allreduce buffers of one group.
-
-    DeepSpeed's CPU op names them `deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}`
-    and never removes them; the port makes the name unique to one run.
-    """
-    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_"
-
-
-def remove_shm(master_addr: str, master_port: int, rank: int | None = None) -> list[str]:
-    """Remove one group's shared-memory buffers (one rank's, or all when rank is None)."""
-    prefix = shm_prefix(master_addr, master_port)
-    paths = [prefix + str(rank)] if rank is not None else glob.glob(glob.escape(prefix) + "*")
-    removed = []
-    for path in paths:
-        try:
-            os.remove(path)
-            removed.append(path)
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 class LearnerWorker:
@@ -94,27 +51,8 @@ class LearnerWorker:
         self.ppo = ppo
         self.rank = setup.rank
         self.step = 0
-        torch.manual_seed(setup.seed + setup.rank)
-        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-            # Ray's worker may have started torch with its own thread count.
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        os.environ.update(
-            RANK=str(setup.rank),
-            WORLD_SIZE=str(setup.world_size),
-            LOCAL_RANK="0" if setup.device == "cpu" else os.environ.get("LOCAL_RANK", "0"),
-            MASTER_ADDR=setup.master_addr,
-            MASTER_PORT=str(setup.master_port),
-        )
-        import deepspeed
-
-        self._ds = deepspeed
-        deepspeed.init_distributed(
-            dist_backend="nccl" if setup.device == "cuda" else "gloo",
-            timeout=timedelta(seconds=setup.dist_timeout_s),
-            verbose=False,
-        )
-        self.device = torch.device("cuda", torch.cuda.current_device()) if setup.device == "cuda" else torch.device("cpu")
-        self.pad_id = self._pad_id(setup.model_path)
+        self.device = join_group(setup)
+        self.pad_id = pad_token_id(setup.model_path)
 
         mb_per_rank = ppo.minibatch_size // setup.world_size
         policy = load_causal_lm(setup.model_path, "float32")
@@ -131,31 +69,8 @@ class LearnerWorker:
 
     # ---------------------------------------------------------------- set-up
 
-    @staticmethod
-    def _pad_id(path: str) -> int:
-        from transformers import AutoConfig, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
-        if tok.pad_token_id is not None:
-            return int(tok.pad_token_id)
-        eos = AutoConfig.from_pretrained(path).eos_token_id
-        return int(eos[0] if isinstance(eos, list) else eos or 0)
-
     def _engine(self, model: torch.nn.Module, lr: float, micro_batch: int):
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": self.ppo.max_grad_norm,
-            "zero_optimization": {"stage": self.setup.zero_stage},
-            "bf16": {"enabled": self.setup.dtype == "bfloat16"},
-            # torch's AdamW: DeepSpeed's fused CPU Adam would need a C++ build at start.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.ppo.weight_decay)
-        engine, *_ = self._ds.initialize(model=model, optimizer=optimizer, config=config)
-        return engine
+        return make_engine(model, self.setup, lr, self.ppo.weight_decay, micro_batch, self.ppo.max_grad_norm)
 
     # ---------------------------------------------------------------- experience
 
@@ -315,19 +230,8 @@ class LearnerWorker:
     # ---------------------------------------------------------------- weights out
 
     def _full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor in the run's dtype) for every policy parameter; all ranks must iterate.
-
-        Tensors stay on the learner's device (a GPU run sends GPU to GPU). Under
-        ZeRO-3 each parameter is gathered for the duration of one item, so it is
-        copied before the gather releases it.
-        """
-        dtype = DTYPES[self.setup.dtype]
-        for name, param in self.policy.module.named_parameters():
-            if hasattr(param, "ds_id"):
-                with self._ds.zero.GatheredParameters([param], modifier_rank=None):
-                    yield name, param.data.detach().to(dtype=dtype, copy=True)
-            else:
-                yield name, param.data.detach().to(dtype=dtype)
+        """(HF name, full tensor in the run's dtype) for every policy parameter; all ranks must iterate."""
+        return full_parameters(self.policy.module, self.setup.dtype)
 
     def weight_specs(self) -> list[WeightSpec]:
         specs = []
@@ -367,26 +271,11 @@ class LearnerWorker:
 
     def save_hf(self, out_dir: str) -> str | None:
         """Write the policy in Hugging Face format (rank 0 writes; all ranks gather)."""
-        state = {name: tensor.cpu() for name, tensor in self._full_parameters()}
-        if self.rank != 0:
-            return None
-        from transformers import AutoTokenizer
-
-        module = self.policy.module
-        module.config.torch_dtype = DTYPES[self.setup.dtype]
-        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.setup.model_path).save_pretrained(out_dir)
-        return out_dir
+        return save_hf(self.policy.module, self.rank, self.setup.dtype, self.setup.model_path, out_dir)
 
     def shutdown(self, destroy_process_group: bool = True) -> list[str]:
-        """Leave the groups and remove this rank's shared memory; returns the files removed.
-
-        In-process tests keep the DeepSpeed group: DeepSpeed caches its
-        sub-groups globally and cannot re-create them in one process.
-        """
+        """Leave the groups and remove this rank's shared memory; returns the files removed."""
         if self._sender is not None:
             self._sender.close()
             self._sender = None
-        if destroy_process_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        return remove_shm(self.setup.master_addr, self.setup.master_port, self.rank)
+        return leave_group(self.setup, destroy_process_group)

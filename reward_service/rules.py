@@ -33,9 +33,18 @@ def synthetic_gold_reward(prompt: str, completion: str) -> float:
     return float(gold_reward(prompt, completion))
 
 
+def arithmetic_exact_reward(prompt: str, completion: str) -> float:
+    """Exact match on the arithmetic task (flywheel/arithmetic_task.py): 1.0 or 0.0."""
+    # Imported here for the same reason as the synthetic task's rule.
+    from flywheel.arithmetic_task import exact_match_reward
+
+    return float(exact_match_reward(prompt, completion))
+
+
 RULES: dict[str, RuleFn] = {
     "length": length_reward,
     "synthetic_gold": synthetic_gold_reward,
+    "arithmetic_exact": arithmetic_exact_reward,
 }
 
 

@@ -62,7 +62,7 @@ def test_probe_fits_the_context():
 
 def test_shared_memory_cleanup_removes_only_the_groups_own_buffers(tmp_path, monkeypatch):
     """DeepSpeed names its buffers ..._{uid}_{addr}_{port}_{rank}; a run removes its own, never others'."""
-    import learner.worker as worker
+    import learner.engine as worker
 
     monkeypatch.setattr(worker, "shm_prefix", lambda addr, port: f"{tmp_path}/deepspeed_allreduce_buffer_0_{addr}_{port}_")
     ours = [tmp_path / f"deepspeed_allreduce_buffer_0_10.0.0.1_29500_{r}" for r in range(2)]

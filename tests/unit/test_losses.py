@@ -283,3 +283,29 @@ def test_only_k2_as_a_loss_has_the_gradient_of_the_kl():
     (want_reverse,) = torch.autograd.grad((ref_logp.exp() * (ref_logp - torch.log(q))).sum(), reverse)
     close(_expected_loss_gradient("k3", logits, ref_logp), want_reverse, atol=1e-6)
     assert (want_reverse - want).abs().max() > 0.05  # a different direction from the KL we penalise
+
+
+# ---------------------------------------------------------------- IPO and weighted Bradley-Terry
+
+
+def test_ipo_by_hand():
+    from learner.losses import ipo_loss
+
+    # h = (-1 - -2) - (-3 - -2.5) = 1 - (-0.5) = 1.5; beta 0.5 -> target 1 / (2 * 0.5) = 1; loss (1.5 - 1)^2 = 0.25
+    out = ipo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), beta=0.5)
+    close(out.loss, 0.25)
+    close(out.chosen_rewards, [0.5])  # beta * (policy - ref) of chosen = 0.5 * 1
+    close(out.rejected_rewards, [-0.25])
+    # At the target margin the loss and its gradient vanish, where DPO's would still push.
+    h = torch.tensor([0.0], requires_grad=True)
+    at_target = ipo_loss(h + 1.0, torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), beta=0.5)
+    at_target.loss.backward()
+    close(at_target.loss, 0.0)
+    close(h.grad, [0.0])
+
+
+def test_weighted_bradley_terry_by_hand():
+    # diffs 0 and 2: losses log 2 = 0.69315 and log(1 + e^-2) = 0.12693; weights 3 : 1
+    # -> (3 * 0.69315 + 0.12693) / 4 = 0.55160
+    out = bradley_terry_loss(torch.tensor([0.0, 2.0]), torch.tensor([0.0, 0.0]), weights=torch.tensor([3.0, 1.0]))
+    close(out.loss, 0.55160)

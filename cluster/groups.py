@@ -190,19 +190,68 @@ class LearnerGroup:
         A rank that is dead or stuck is killed anyway, and the group's
         shared-memory buffers on this node are removed on its behalf.
         """
-        from learner.engine import remove_shm
+        stop_ranks(self.ranks, self.master_addr, self.master_port, timeout_s)
 
+
+class StageGroup:
+    """The learner ranks of a stage before or beside RL (SFT, reward model, DPO): one Ray actor
+    per DeepSpeed rank in its own placement group; every call goes to all ranks with the same
+    arguments (each takes its share of the batch) and rank 0's answer is returned."""
+
+    def __init__(self, cfg: FlywheelConfig, worker_cls: type, model_path: str, dtype: str, **kwargs: Any):
+        from learner.engine import LearnerSetup
+
+        self.cfg = cfg
+        lc = cfg.learner
+        gpu = 1 if cfg.run.device == "cuda" else 0
+        bundles = [{"CPU": lc.num_cpus_per_rank, **({"GPU": gpu} if gpu else {})} for _ in range(lc.world_size)]
+        self.pg = reserve(bundles)
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
+        task = ray.remote(_node_ip_and_free_port).options(num_cpus=0, scheduling_strategy=strategy)
+        self.master_addr, self.master_port = wait([task.remote()], 60, "finding a free port on the learner's node")[0]
+        remote_cls = ray.remote(worker_cls)
+        self.ranks = []
         try:
-            ray.get([r.shutdown.remote() for r in self.ranks], timeout=timeout_s)
-        except Exception as exc:  # a dead or hung rank: killing it below is all that is left
-            log.warning("learner shutdown incomplete (%s); killing the ranks", exc.__class__.__name__)
-        kill_actors(self.ranks)
-        remove_shm(self.master_addr, self.master_port)
+            for i in range(lc.world_size):
+                setup = LearnerSetup(model_path=model_path, rank=i, world_size=lc.world_size,
+                                     master_addr=self.master_addr, master_port=self.master_port,
+                                     device=cfg.run.device, dtype=dtype, zero_stage=lc.zero_stage, seed=cfg.run.seed,
+                                     dist_timeout_s=cfg.run.step_timeout_s)
+                self.ranks.append(remote_cls.options(
+                    num_cpus=lc.num_cpus_per_rank, num_gpus=gpu, runtime_env=_threads_env(lc.num_threads),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                ).remote(setup, **kwargs))
+            wait([r.__ray_ready__.remote() for r in self.ranks], cfg.run.step_timeout_s,
+                 f"starting the {worker_cls.__name__} ranks")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def call(self, method: str, *args: Any, what: str = "") -> Any:
+        refs = [getattr(rank, method).remote(*args) for rank in self.ranks]
+        return wait(refs, self.cfg.run.step_timeout_s, what or method)[0]
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        stop_ranks(self.ranks, self.master_addr, self.master_port, timeout_s)
+        remove_placement_group(self.pg)
 
 
 def sampling_settings(cfg: FlywheelConfig) -> SamplingSettings:
     r = cfg.rollout
     return SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+
+
+def stop_ranks(ranks: list, master_addr: str, master_port: int, timeout_s: float) -> None:
+    """Ask every learner rank to leave its groups and free its shared memory, then stop them all;
+    a dead or stuck rank is killed anyway and its group's buffers on this node are removed."""
+    from learner.engine import remove_shm
+
+    try:
+        ray.get([r.shutdown.remote() for r in ranks], timeout=timeout_s)
+    except Exception as exc:  # a dead or hung rank: killing it below is all that is left
+        log.warning("learner shutdown incomplete (%s); killing the ranks", exc.__class__.__name__)
+    kill_actors(ranks)
+    remove_shm(master_addr, master_port)
 
 
 def kill_actors(actors: list) -> None:
@@ -249,6 +298,11 @@ def make_placement_group(cfg: FlywheelConfig, timeout_s: float = 120.0):
                                      for _ in range(cfg.rollout.num_actors)]
     bundles += [{"CPU": cfg.learner.num_cpus_per_rank, **({"GPU": gpu} if gpu else {})}
                 for _ in range(cfg.learner.world_size)]
+    return reserve(bundles, timeout_s)
+
+
+def reserve(bundles: list[dict[str, Any]], timeout_s: float = 120.0):
+    """A PACK placement group of `bundles`, ready, or an error naming what the cluster has."""
     pg = placement_group(bundles, strategy="PACK")
     try:
         ray.get(pg.ready(), timeout=timeout_s)

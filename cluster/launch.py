@@ -41,11 +41,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cluster.driver import run
+    from cluster.stages import run_stage
+
+    from flywheel.data_formats import DataError
 
     try:
-        summary = run(cfg)
+        summary = run(cfg) if cfg.run.stage == "ppo" else run_stage(cfg)
     except ConfigError as exc:
         print(f"flywheel: bad config: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"flywheel: bad data: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flywheel: interrupted; every started process was stopped", file=sys.stderr)
@@ -62,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     before = summary.get("before", {}).get("eval_gold_reward")
     after = summary.get("after", {}).get("eval_gold_reward")
-    print(f"flywheel: done in {summary['total_s']:.0f} s; outputs in {cfg.run.output_dir}")
+    print(f"flywheel: {cfg.run.stage} done in {summary['total_s']:.0f} s; outputs in {cfg.run.output_dir}")
+    if "model" in summary:
+        print(f"flywheel: model saved in {summary['model']}")
     if before is not None and after is not None:
         print(f"flywheel: held-out gold reward {before:.4f} -> {after:.4f}")
     return 0

@@ -22,6 +22,16 @@ from flywheel.net import free_port
 pytestmark = pytest.mark.timeout(600)
 
 
+def _isolated(fn, *args):
+    """Run `fn(*args)` in a fresh spawned process: DeepSpeed caches its groups per process, and
+    in-process vLLM tests that ran before may have torn torch.distributed's default group down."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result(timeout=500)
+
+
 def _setup(model_path: str):
     from learner.engine import LearnerSetup
 
@@ -40,6 +50,10 @@ def _batches(n: int, size: int):
 
 
 def test_sft_lowers_held_out_loss_and_saves_a_loadable_policy(model_path, tmp_path):
+    _isolated(_sft_case, model_path, tmp_path)
+
+
+def _sft_case(model_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from learner.stages import SFTWorker
@@ -64,7 +78,7 @@ def test_sft_lowers_held_out_loss_and_saves_a_loadable_policy(model_path, tmp_pa
         assert after < 0.6 * before, (before, after)
         worker.save_hf(str(tmp_path / "sft"))
     finally:
-        worker.shutdown(destroy_process_group=False)
+        worker.shutdown()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft", dtype=torch.float32)
     assert AutoTokenizer.from_pretrained(tmp_path / "sft").eos_token_id == tok.eos_token_id
     assert model.config.vocab_size == len(tok)
@@ -78,6 +92,10 @@ def _pairs(n: int, seed: int):
 
 @pytest.mark.parametrize("backbone", ["tiny", "minilm"])
 def test_reward_model_learns_the_labellers_ordering_and_is_served_as_trained(model_path, tmp_path, backbone):
+    _isolated(_reward_model_case, model_path, tmp_path, backbone)
+
+
+def _reward_model_case(model_path, tmp_path, backbone):
     from flywheel.pretrained import minilm_path
     from learner.stages import RewardModelWorker
     from reward_service.scorers import ModelScorer
@@ -106,13 +124,17 @@ def test_reward_model_learns_the_labellers_ordering_and_is_served_as_trained(mod
         trained = worker.score(texts)
         worker.save_hf(str(tmp_path / "rm"))
     finally:
-        worker.shutdown(destroy_process_group=False)
+        worker.shutdown()
     served = ModelScorer(str(tmp_path / "rm"), max_length=64).score(h_prompts[:8], h_chosen[:8])
     np.testing.assert_allclose(served, trained, atol=1e-4)
 
 
 @pytest.mark.parametrize("loss, beta, lr", [("dpo", 0.1, 1e-3), ("ipo", 0.5, 1e-3)])
 def test_preference_training_prefers_the_chosen_completion(model_path, loss, beta, lr):
+    _isolated(_preference_case, model_path, loss, beta, lr)
+
+
+def _preference_case(model_path, loss, beta, lr):
     from transformers import AutoTokenizer
 
     from learner.stages import DPOWorker
@@ -140,7 +162,7 @@ def test_preference_training_prefers_the_chosen_completion(model_path, loss, bet
         assert stats["loss"] < first["loss"], (first, stats)
         assert float(np.mean(margin > 0)) > 0.6, np.mean(margin > 0)
     finally:
-        worker.shutdown(destroy_process_group=False)
+        worker.shutdown()
 
 
 @torch.no_grad()

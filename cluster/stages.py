@@ -10,7 +10,8 @@ held-out figure before and after, and saves a Hugging Face model in
 - sft: held-out loss per response token; the policy for `model.path`;
 - reward_model: held-out agreement with the data's ordering of the pairs; the
   judge for `reward.model_path` (served by `reward_service` as saved);
-- dpo: held-out share of pairs whose implicit reward prefers chosen; the policy.
+- dpo: held-out share of pairs whose implicit reward (policy over reference)
+  prefers chosen; the policy.
 
 Every batch writes a line to `metrics.jsonl`; `summary.json` holds the figures.
 """
@@ -164,26 +165,44 @@ def _load_dpo(cfg: FlywheelConfig) -> tuple[list, list]:
 
 def _train_dpo(cfg: FlywheelConfig, group, model_path: str, data: tuple[list, list],
                metrics: MetricsWriter) -> dict[str, Any]:
-    dc = cfg.dpo
-    train, held = data
+    dc, world = cfg.dpo, cfg.learner.world_size
     tokens = _Tokens(model_path)
-    prompts = tokens.prompts([p.prompt for p in train])
-    chosen = tokens.completions([p.chosen for p in train], eos=False)
-    rejected = tokens.completions([p.rejected for p in train], eos=False)
-    # The reference never changes: its logprobs are computed once for every training pair.
-    ref_c, ref_r = np.zeros(len(train), np.float32), np.zeros(len(train), np.float32)
-    for rows in _batches(len(train), dc.batch_size, 0):
-        ref_c[rows], ref_r[rows] = group.call("reference_logps", _pick(prompts, rows), _pick(chosen, rows),
-                                              _pick(rejected, rows), what="reference logprobs")
+
+    def encode(pairs: list) -> dict[str, Any]:
+        enc = {"prompts": tokens.prompts([p.prompt for p in pairs]),
+               "chosen": tokens.completions([p.chosen for p in pairs], eos=False),
+               "rejected": tokens.completions([p.rejected for p in pairs], eos=False)}
+        # The reference never changes: its logprobs are computed once for every pair.
+        enc["ref_c"], enc["ref_r"] = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
+        for rows in _eval_batches(len(pairs), dc.batch_size, world):
+            enc["ref_c"][rows], enc["ref_r"][rows] = group.call(
+                "reference_logps", _pick(enc["prompts"], rows), _pick(enc["chosen"], rows),
+                _pick(enc["rejected"], rows), what="reference logprobs")
+        return enc
+
+    def args(enc: dict[str, Any], rows: np.ndarray) -> tuple:
+        return (_pick(enc["prompts"], rows), _pick(enc["chosen"], rows), _pick(enc["rejected"], rows),
+                enc["ref_c"][rows], enc["ref_r"][rows])
+
+    def held_out_preference(enc: dict[str, Any]) -> float:
+        right = count = 0.0
+        for rows in _eval_batches(len(enc["prompts"]), dc.batch_size, world):
+            r, c = group.call("evaluate", *args(enc, rows), what="the held-out preference")
+            right, count = right + r, count + c
+        return right / max(count, 1.0)
+
+    train, held = (encode(part) for part in data)
+    before = held_out_preference(held)
     step, stats = 0, {}
     for epoch in range(dc.epochs):
-        for rows in _batches(len(train), dc.batch_size, cfg.run.seed + epoch):
-            stats = group.call("train_batch", _pick(prompts, rows), _pick(chosen, rows), _pick(rejected, rows),
-                               ref_c[rows], ref_r[rows], what="a DPO step")
+        for rows in _batches(len(train["prompts"]), dc.batch_size, cfg.run.seed + epoch):
+            stats = group.call("train_batch", *args(train, rows), what="a DPO step")
             metrics.log({"step": step, "epoch": epoch, **stats})
             step += 1
-    log.info("dpo: last batch %s", stats)
-    return {"last_batch": stats, "train_pairs": len(train), "held_out_pairs": len(held), "steps": step}
+    after = held_out_preference(held)
+    log.info("dpo: held-out pairs preferred %.4f -> %.4f", before, after)
+    return {"held_out_preferred_before": before, "held_out_preferred_after": after, "last_batch": stats,
+            "train_pairs": len(train["prompts"]), "held_out_pairs": len(held["prompts"]), "steps": step}
 
 
 def _stage_worker(cfg: FlywheelConfig, model_path: str) -> tuple[type, str, dict[str, Any], Callable, Callable]:

@@ -199,6 +199,17 @@ class DPOWorker:
             parts.append(torch.cat(gathered).cpu().numpy())
         return parts[0], parts[1]
 
+    @torch.no_grad()
+    def evaluate(self, prompt_ids, chosen_ids, rejected_ids, ref_chosen: np.ndarray,
+                 ref_rejected: np.ndarray) -> tuple[float, float]:
+        """(pairs whose implicit reward prefers chosen, pairs) over the whole batch."""
+        self.model.eval()
+        rows = _my_rows(len(prompt_ids), self.setup.rank, self.setup.world_size)
+        margin = ((self._logps(self.model, prompt_ids, chosen_ids) - torch.as_tensor(ref_chosen[rows]))
+                  - (self._logps(self.model, prompt_ids, rejected_ids) - torch.as_tensor(ref_rejected[rows])))
+        right, count = _sum_over_ranks([(margin > 0).sum().item(), float(len(margin))], self.device)
+        return right, count
+
     def train_batch(self, prompt_ids, chosen_ids, rejected_ids, ref_chosen: np.ndarray,
                     ref_rejected: np.ndarray) -> dict[str, float]:
         """One optimiser step; returns the batch's loss, accuracy (implicit reward of chosen above

@@ -33,6 +33,9 @@ class RunConfig:
     stage: Literal["ppo", "sft", "reward_model", "dpo"] = setting(
         "ppo", "what this run trains: ppo (RL against the reward service), sft (fine-tune on demonstrations), "
         "reward_model (a judge on preference pairs) or dpo (the policy on pairs directly)")
+    stages: list[Literal["sft", "reward_model", "dpo", "ppo"]] = setting(
+        [], "a pipeline: these stages in order, each in output_dir/<stage>, each starting from the previous "
+        "stage's policy (and ppo scoring with the reward_model stage's judge); empty: run.stage alone")
     seed: int = setting(0, "seed for data order, sampling and model init", min=0)
     steps: int = setting(10, "number of PPO steps (generate, score, train, sync)", min=1)
     output_dir: str = setting("runs/default", "where metrics.jsonl, logs and the final checkpoint go")
@@ -168,7 +171,7 @@ class FlywheelConfig:
         return dataclasses.asdict(self)
 
 
-def _check_cross_fields(cfg: FlywheelConfig) -> None:
+def check_config(cfg: FlywheelConfig) -> None:
     """Rules that involve more than one field."""
     if (cfg.reward.rule is None) == (cfg.reward.model_path is None) and cfg.reward.url is None:
         raise ConfigError(
@@ -213,6 +216,8 @@ def _check_cross_fields(cfg: FlywheelConfig) -> None:
             raise ConfigError(
                 f"{name}.batch_size: must be a multiple of learner.world_size ({cfg.learner.world_size}), got {batch}"
             )
+    if len(set(cfg.run.stages)) != len(cfg.run.stages):
+        raise ConfigError(f"run.stages: each stage may appear once, got {cfg.run.stages}")
     if cfg.reward_model.backbone == "path" and not cfg.reward_model.backbone_path:
         raise ConfigError("reward_model.backbone_path: set it to a local model directory when reward_model.backbone is path")
     if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
@@ -239,6 +244,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`, converting ints to floats."""
     origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -334,7 +344,7 @@ def from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Flywh
     for override in overrides or []:
         _apply_override(data, override)
     cfg = _build(FlywheelConfig, data, "")
-    _check_cross_fields(cfg)
+    check_config(cfg)
     return cfg
 
 

@@ -41,12 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cluster.driver import run
+    from cluster.pipeline import run_pipeline
     from cluster.stages import run_stage
 
     from flywheel.data_formats import DataError
 
     try:
-        summary = run(cfg) if cfg.run.stage == "ppo" else run_stage(cfg)
+        if cfg.run.stages:
+            summary = run_pipeline(cfg)
+        else:
+            summary = run(cfg) if cfg.run.stage == "ppo" else run_stage(cfg)
     except ConfigError as exc:
         print(f"flywheel: bad config: {exc}", file=sys.stderr)
         return 2
@@ -66,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc(file=sys.stderr)
         print(f"flywheel: run failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
+    what = " -> ".join(cfg.run.stages) or cfg.run.stage
+    print(f"flywheel: {what} done in {summary['total_s']:.0f} s; outputs in {cfg.run.output_dir}")
+    if cfg.run.stages:
+        summary = summary["summaries"][cfg.run.stages[-1]]
     before = summary.get("before", {}).get("eval_gold_reward")
     after = summary.get("after", {}).get("eval_gold_reward")
-    print(f"flywheel: {cfg.run.stage} done in {summary['total_s']:.0f} s; outputs in {cfg.run.output_dir}")
     if "model" in summary:
         print(f"flywheel: model saved in {summary['model']}")
     if before is not None and after is not None:

@@ -98,3 +98,27 @@ def test_every_advantage_name_in_the_config_is_registered():
     names = set(typing.get_args(typing.get_type_hints(LearnerConfig)["advantage"]))
     assert names == set(ADVANTAGE_ESTIMATORS)
     assert (NEEDS_CRITIC | NEEDS_GROUPS | SELF_NORMALISING) <= names
+
+
+def test_pipeline_stages_chain_their_outputs():
+    from cluster.pipeline import stage_config
+
+    cfg = from_dict({"run": {"stages": ["sft", "reward_model", "ppo"], "output_dir": "out"}})
+    sft = stage_config(cfg, "sft", {})
+    assert (sft.run.stage, sft.run.output_dir, sft.model.path, sft.run.stages) == ("sft", "out/sft", None, [])
+    rm = stage_config(cfg, "reward_model", {"sft": "/m/sft"})
+    assert rm.model.path == "/m/sft"  # the judge starts from the fine-tuned policy
+    ppo = stage_config(cfg, "ppo", {"sft": "/m/sft", "reward_model": "/m/rm"})
+    assert (ppo.model.path, ppo.reward.rule, ppo.reward.model_path) == ("/m/sft", None, "/m/rm")
+    assert cfg.run.stages == ["sft", "reward_model", "ppo"]  # the pipeline's own config is untouched
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[sft, sft]", "run.stages: each stage may appear once"),
+    ("[sft, rlhf]", "run.stages[1]: must be one of 'sft', 'reward_model', 'dpo', 'ppo', got 'rlhf'"),
+    ("sft", "run.stages: must be a list, got 'sft'"),
+])
+def test_bad_pipelines_name_the_problem(value, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict({}, [f"run.stages={value}"])
+    assert message in str(info.value)

@@ -88,6 +88,11 @@ class RolloutWorker:
         register_engine()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryCacheNotice())
         kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if device == "cuda" else {}
+        if device == "cpu":
+            # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split over two steps; whole prefills avoid that path. Seen with
+            # 256 seeded requests of ~12 prompt tokens under the default token budget.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(16384, max_model_len))
         self._llm = LLM(
             model=model_path,
             dtype=dtype,

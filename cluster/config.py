@@ -57,8 +57,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    prompts_path: str | None = setting(None, "JSONL file with a 'prompt' field; null generates the synthetic task's prompts")
-    train_prompts: int = setting(4096, "how many synthetic training prompts to generate", min=1)
+    task: Literal["preference", "arithmetic"] = setting(
+        "preference", "the embedded task whose prompts, demonstrations and gold reward a run uses: preference "
+        "(topic words, a simulated labeller) or arithmetic (small sums, exact match)")
+    prompts_path: str | None = setting(None, "JSONL file with a 'prompt' field; null generates data.task's prompts")
+    train_prompts: int = setting(4096, "how many training prompts of data.task to generate", min=1)
     prompts_per_step: int = setting(64, "prompts per PPO step, split as evenly as possible across rollout actors", min=1)
 
 
@@ -227,6 +230,14 @@ def check_config(cfg: FlywheelConfig) -> None:
 def advisories(cfg: FlywheelConfig) -> list[str]:
     """Settings that run but probably do not do what their user meant; logged at start."""
     notes = []
+    from flywheel.tasks import get_task
+
+    task_rule = get_task(cfg.data.task).rule
+    if cfg.reward.rule is not None and cfg.reward.rule != task_rule and cfg.reward.rule in ("synthetic_gold", "arithmetic_exact"):
+        notes.append(
+            f"data.task={cfg.data.task} but reward.rule={cfg.reward.rule}, the other task's gold rule; "
+            f"reward.rule={task_rule} scores this task"
+        )
     if cfg.learner.kl_mode == "loss" and cfg.learner.kl_estimator == "k3":
         notes.append(
             "learner.kl_estimator=k3 with kl_mode=loss: its gradient on the policy's samples is that of "

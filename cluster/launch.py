@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    """`ray job stop`, `kill` and schedulers send SIGTERM: unwind as for Ctrl-C, so every
+    started process (actors, learner ranks, the reward service) is stopped on the way out."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flywheel: bad config: {exc}", file=sys.stderr)
         return 2
+    from cluster.jobs import durable_output_dir
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+    cfg.run.output_dir, moved = durable_output_dir(cfg.run.output_dir)
+    if moved:
+        print(f"flywheel: {moved}", file=sys.stderr)
 
     from cluster.driver import run
     from cluster.pipeline import run_pipeline

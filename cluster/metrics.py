@@ -11,30 +11,71 @@ import logging
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("flywheel.metrics")
 
-# Printed on the console each step, in this order; everything goes to the file.
+# Printed on the console each step, in this order; everything goes to the file. A stage's lines
+# (SFT, reward model, DPO) carry none of these and show their own figures instead.
 CONSOLE_KEYS = ("reward_mean", "score_mean", "gold_reward_mean", "kl", "policy_loss", "value_loss",
                 "rollout_tokens_per_s", "gen_s", "train_s", "sync_s")
+_NOT_SHOWN = ("step", "epoch")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 class MetricsWriter:
-    def __init__(self, path: Path):
+    """Appends one JSON line per step and logs a console line: the step out of the total, the key
+    figures, and the time left at the mean pace of the steps so far."""
+
+    def __init__(self, path: Path, total_steps: int | None = None, clock: Callable[[], float] = time.monotonic):
         self.path = path
+        self.total_steps = total_steps
+        self._clock = clock
+        self._started = clock()
+        self._logged = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", buffering=1)  # line-buffered: a crash keeps every finished step
+
+    def expect(self, total_steps: int) -> None:
+        """Set the number of steps the run will log (for the time left), and restart the pace clock."""
+        self.total_steps, self._started, self._logged = total_steps, self._clock(), 0
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
-        shown = " ".join(f"{k}={record[k]:.4g}" for k in CONSOLE_KEYS if isinstance(record.get(k), (int, float)))
-        log.info("step %s %s", record.get("step"), shown)
+        self._logged += 1
+        log.info("%s", self.console_line(record))
+
+    def console_line(self, record: dict[str, Any]) -> str:
+        """"step 12/60 kl=0.01 ... | 1.2 s/step, 58 s left" (the total and time left when known)."""
+        keys = [k for k in CONSOLE_KEYS if _is_number(record.get(k))]
+        if not keys:
+            keys = [k for k, v in record.items() if k not in _NOT_SHOWN and _is_number(v)][:6]
+        step = record.get("step")
+        where = f"step {step}" if self.total_steps is None or step is None else f"step {step + 1}/{self.total_steps}"
+        line = " ".join([where] + [f"{k}={record[k]:.4g}" for k in keys])
+        pace = (self._clock() - self._started) / max(self._logged, 1)
+        if self.total_steps is not None and step is not None:
+            left = max(self.total_steps - (step + 1), 0) * pace
+            line += f" | {pace:.2f} s/step, {_duration(left)} left"
+        return line
 
     def close(self) -> None:
         self._file.close()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -114,6 +114,7 @@ def _train_sft(cfg: FlywheelConfig, group, model_path: str, data: tuple[list, li
     before = held_out_loss()
     log.info("sft: %d train / %d held-out examples; held-out loss %.4f", len(train), len(held), before)
     step = 0
+    metrics.expect(sc.epochs * (len(train) // sc.batch_size))
     for epoch in range(sc.epochs):
         for rows in _batches(len(train), sc.batch_size, cfg.run.seed + epoch):
             loss = group.call("train_batch", _pick(tp, rows), _pick(tr, rows), what="an SFT step")
@@ -147,6 +148,7 @@ def _train_reward_model(cfg: FlywheelConfig, group, model_path: str, data: tuple
     before = _agreement(group, held, rc.batch_size, world)
     log.info("reward_model: %d train / %d held-out pairs; held-out agreement %.4f", len(train), len(held), before)
     step = 0
+    metrics.expect(rc.epochs * (len(train) // rc.batch_size))
     for epoch in range(rc.epochs):
         for rows in _batches(len(train), rc.batch_size, cfg.run.seed + epoch):
             batch = _pick(train, rows)
@@ -195,6 +197,7 @@ def _train_dpo(cfg: FlywheelConfig, group, model_path: str, data: tuple[list, li
     train, held = (encode(part) for part in data)
     before = held_out_preference(held)
     step, stats = 0, {}
+    metrics.expect(dc.epochs * (len(train["prompts"]) // dc.batch_size))
     for epoch in range(dc.epochs):
         for rows in _batches(len(train["prompts"]), dc.batch_size, cfg.run.seed + epoch):
             stats = group.call("train_batch", *args(train, rows), what="a DPO step")

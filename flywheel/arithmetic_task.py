@@ -4,8 +4,9 @@ The synthetic task (flywheel/synthetic_task.py) is judged by a simulated
 labeller's preference; this one has a checkable answer, the setting where the
 critic-free estimators (GRPO, RLOO, REINFORCE++) are used most. It owns:
 
-- prompts "What is 3 + 5? Answer:" and "What is 7 - 2? Answer:", split into
-  disjoint train and eval pools by a stable hash of the prompt text;
+- prompts that ask one problem in one of four phrasings ("What is 3 + 5?
+  Answer:", "Compute 3 + 5. Answer:", ...), split into disjoint train and eval
+  pools by a stable hash of the prompt text;
 - `answer`, which reads the problem back out of a prompt, and
   `exact_match_reward`, the rule: 1.0 if the completion's first integer is the
   answer, else 0.0;
@@ -16,9 +17,13 @@ when the result is non-negative, so 155 problems with answers 0-18. The
 embedded policy has 2M parameters and its tokenizer spells every digit as its
 own byte token; one-digit operands need no carrying across digit positions,
 and an answer is at most two tokens, which such a model can learn from a few
-thousand demonstrations. The eval pool (about one problem in five) holds
-operand pairs never seen in training, so eval accuracy measures
-generalisation, e.g. from 5 + 3 to 3 + 5.
+thousand demonstrations. Held-out prompts ask problems in a phrasing that
+training never paired with them (for almost every problem another phrasing of
+it is in training), so eval accuracy measures whether what the policy learnt
+about the numbers carries over to a new wording. A split by operand pairs
+instead (hold out 3 + 5, train on 5 + 3) asks a 2M-parameter model to
+generalise addition itself from about 120 facts, which it does not do in
+minutes: eval accuracy stayed at chance (0.065 with 19 possible answers).
 
 All generation is deterministic given a seed and uses its own generator
 (`numpy.random.default_rng(seed)`). Only the standard library and numpy are
@@ -41,11 +46,17 @@ from flywheel.task_splits import draw_cycled, split_pool, write_jsonl
 
 MAX_OPERAND = 9  # operands are 0..MAX_OPERAND; see the module docstring for why
 OPERATORS: tuple[str, ...] = ("+", "-")
-TEMPLATE = "What is {a} {op} {b}? Answer:"
+TEMPLATES: tuple[str, ...] = (
+    "What is {a} {op} {b}? Answer:",
+    "Compute {a} {op} {b}. Answer:",
+    "Calculate {a} {op} {b}. Answer:",
+    "Find {a} {op} {b}. Answer:",
+)
+TEMPLATE = TEMPLATES[0]
 
-# Reads a prompt back: the template's problem anywhere in the text. Digit runs
-# are ASCII only and bounded, so int() never sees a huge or non-ASCII number.
-_PROBLEM_RE = re.compile(r"What is ([0-9]{1,18}) ([+-]) ([0-9]{1,18})\?")
+# Reads a prompt back: the first "A op B" anywhere in the text (every template has one).
+# Digit runs are ASCII only and bounded, so int() never sees a huge or non-ASCII number.
+_PROBLEM_RE = re.compile(r"(?<![0-9])([0-9]{1,18}) ([+-]) ([0-9]{1,18})(?![0-9])")
 # The first integer of a completion: an optional minus sign directly before a
 # run of ASCII digits. The run is taken whole (so "123" is 123, never 12).
 _INTEGER_RE = re.compile(r"-?[0-9]+")
@@ -109,11 +120,16 @@ def exact_match_rewards(prompts: list[str], completions: list[str]) -> np.ndarra
 # ---------------------------------------------------------------------------- prompts
 
 def all_prompts() -> list[str]:
-    """Every prompt of the task (both splits), in a fixed order: 100 sums, 55 differences."""
+    """Every prompt of the task (both splits), in a fixed order: each of the 155 problems
+    (100 sums, 55 differences) in each phrasing of TEMPLATES."""
+    return [t.format(a=a, op=op, b=b) for t in TEMPLATES for a, op, b in problems()]
+
+
+def problems() -> list[tuple[int, str, int]]:
+    """The 155 problems (a, op, b): every sum of two operands, and differences with b <= a."""
     operands = range(MAX_OPERAND + 1)
-    sums = [TEMPLATE.format(a=a, op="+", b=b) for a in operands for b in operands]
-    differences = [TEMPLATE.format(a=a, op="-", b=b) for a in operands for b in operands if b <= a]
-    return sums + differences
+    sums = [(a, "+", b) for a in operands for b in operands]
+    return sums + [(a, "-", b) for a in operands for b in operands if b <= a]
 
 
 def prompt_pool(split: str) -> list[str]:

@@ -54,7 +54,12 @@ def test_sft_then_reward_model_then_ppo(tmp_path):
     # The proxy (the learned judge's score) and the gold labeller side by side at every step.
     assert all(np.isfinite(x["score_mean"]) and 0.0 <= x["gold_reward_mean"] <= 1.0 for x in records)
     # The SFT policy already writes on-topic words: far above the random-init policy's ~0.06.
-    assert pipeline["summaries"]["ppo"]["before"]["eval_gold_reward"] > 0.2
+    before = pipeline["summaries"]["ppo"]["before"]
+    assert before["eval_gold_reward"] > 0.2
+    # Every held-out sample is kept beside the figure: 8 prompts x 2 samples, the same mean.
+    rows = [json.loads(line) for line in (out / "ppo" / "eval_before.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and sorted({x["sample"] for x in rows}) == [0, 1]
+    assert np.mean([x["gold"] for x in rows]) == pytest.approx(before["eval_gold_reward"], abs=1e-6)
 
 
 @pytest.mark.timeout(300)
@@ -74,3 +79,31 @@ def test_dpo_stage_prefers_chosen_on_held_out_pairs(tmp_path):
     # The policy starts as the reference (margins near 0, their sign is rounding); training moves them.
     assert s["held_out_preferred_after"] > max(0.55, s["held_out_preferred_before"]), s
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
+
+    # run.steps=0 only evaluates: the DPO policy sampled on held-out prompts, nothing trained or saved.
+    result = _launch("local_tiny_ppo.yaml", tmp_path / "eval", f"model.path={s['model']}", "run.steps=0",
+                     "run.eval_prompts=8", "run.save_final=true")
+    assert result.returncode == 0, result.stderr[-4000:]
+    e = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert e["model_path"] == s["model"] and e["before"] == e["after"] and e["before"]["eval_prompts"] == 8
+    assert not (tmp_path / "eval" / "metrics.jsonl").read_text().strip()
+    assert (tmp_path / "eval" / "eval_before.jsonl").is_file() and not (tmp_path / "eval" / "final").exists()
+
+
+@pytest.mark.timeout(600)
+def test_arithmetic_sft_then_a_critic_free_estimator(tmp_path):
+    """configs/local_tiny_arithmetic.yaml shrunk, with RLOO: exact-match rewards over HTTP, no critic."""
+    out = tmp_path / "arith"
+    result = _launch("local_tiny_arithmetic.yaml", out, "sft.examples=256", "sft.epochs=1", "run.steps=2",
+                     "learner.advantage=rloo", "run.eval_prompts=16", "data.prompts_per_step=8",
+                     "rollout.samples_per_prompt=4", "learner.minibatch_size=32", "run.save_final=false")
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records] == [0, 1]
+    # Exact match is 0 or 1 per sample; the estimator trains no critic, so there is no value loss.
+    for x in records:
+        assert 0.0 <= x["score_mean"] <= 1.0 and x["score_mean"] == pytest.approx(x["gold_reward_mean"], abs=1e-6)
+        assert x["value_loss"] == 0.0
+    rows = [json.loads(line) for line in (out / "ppo" / "eval_before.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 * 4 and {x["gold"] for x in rows} <= {0.0, 1.0}
+    assert all(" + " in x["prompt"] or " - " in x["prompt"] for x in rows)

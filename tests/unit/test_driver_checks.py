@@ -49,6 +49,14 @@ def test_probe_checks_every_actor():
     # Actor 1 kept stale weights: its logprobs still match "before", 0.5 away from the learner's.
     with pytest.raises(RunError, match=r"rollout actor 1's logprobs .* differ from the learner's by 0.5"):
         probe.after(_services([[-1.5, -2.0], [-1.0, -2.0]], [-1.5, -2.0]), before)
+    # An actor that closed most of its gap (1.0 before the sync, 0.15 after: rounding on an unlikely
+    # token) passes although 0.15 exceeds the tolerance.
+    far = [np.array([-1.0, -2.0]), np.array([-1.0, -2.0])]
+    ok = probe.after(_services([[-1.5, -2.0], [-1.65, -2.0]], [-1.5, -2.0]), [far[0], np.array([-2.5, -2.0])])
+    assert ok["sync_logprob_err"] == pytest.approx(0.15, abs=1e-6)
+    # Closing less than half of the gap (0.5 before, 0.3 after) fails, whatever the cause.
+    with pytest.raises(RunError, match="of its gap before the sync"):
+        probe.after(_services([[-1.5, -2.0], [-1.8, -2.0]], [-1.5, -2.0]), [far[0], np.array([-2.0, -2.0])])
 
 
 def test_probe_fits_the_context():

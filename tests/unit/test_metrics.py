@@ -19,3 +19,21 @@ def test_write_read_and_summarize(tmp_path):
     assert summarize(tmp_path) == {"gen_s": {"median": 2.0, "min": 1.0, "max": 3.0}}
     assert main([str(tmp_path)]) == 0
     assert json.loads((tmp_path / "metrics_summary.json").read_text())["gen_s"]["median"] == 2.0
+
+
+def test_console_line_shows_progress_and_time_left(tmp_path):
+    now = [100.0]
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", clock=lambda: now[0])
+    writer.expect(60)
+    now[0] += 2.0  # two seconds per step
+    writer.log({"step": 0, "kl": 0.5, "gen_s": 1.25})
+    now[0] += 2.0
+    line = writer.console_line({"step": 1, "kl": 0.25, "gen_s": 1.0})
+    # Pace: 4 s since expect() over the 1 step logged so far; 58 steps left.
+    assert line.startswith("step 2/60 kl=0.25 gen_s=1 | 4.00 s/step, 3 min 52 s left"), line
+    # A stage's record (no PPO figures) shows its own numbers, never the step or epoch again.
+    stage = writer.console_line({"step": 3, "epoch": 0, "loss": 1.5, "accuracy": 0.75})
+    assert stage.startswith("step 4/60 loss=1.5 accuracy=0.75 |"), stage
+    writer.close()
+    # Without a known total: the step and the figures only.
+    assert MetricsWriter(tmp_path / "m2.jsonl").console_line({"step": 7, "kl": 1.0}) == "step 7 kl=1"

@@ -1,0 +1,213 @@
+"""Does each RLHF stage do its job?  The whole pipeline on the embedded tasks,
+through the real entry point, for several seeds, scored on held-out data.
+
+    python benchmarks/pipeline_quality.py --json OUT.json [--seeds 0 1 2]
+
+Per seed, every launch is `python -m cluster.launch` (real vLLM, DeepSpeed,
+Ray and the HTTP reward service):
+
+- `configs/local_tiny_pipeline.yaml`: SFT, then the tiny reward model started
+  from the SFT policy, then PPO from the SFT policy against that judge served
+  over HTTP (KL reference: the SFT policy);
+- `configs/local_tiny_reward_model.yaml` with `reward_model.backbone=minilm`;
+- `configs/local_tiny_dpo.yaml` from the seed's SFT policy, then a launch with
+  `run.steps=0` that samples the DPO policy on the held-out prompts with the
+  same seeds as the PPO stage's first evaluation of the SFT policy;
+- `configs/local_tiny_arithmetic.yaml`: SFT once, then one RL run per
+  estimator from it, each with the same prompts, samples and steps.
+
+Headline figures (one per key of the JSON; `spread` is max - min over seeds):
+
+- `sft`: held-out loss after / before, on demonstrations held out of training;
+- `rm_tiny`, `rm_minilm`: agreement with the gold labeller's ordering on held-out
+  pairs (the judge is trained on the noisy labeller's choices);
+- `ppo`: gold reward after PPO minus the SFT policy's, on held-out prompts; the
+  final KL to the reference is reported beside it;
+- `dpo`: gold win rate of the DPO policy over the SFT policy: the share of
+  held-out prompts where the DPO policy's samples have the higher mean gold
+  reward, both sampled with the same seeds (a tie counts one half; the
+  sample-by-sample rate is reported beside it);
+- `grpo`, `rloo`, `reinforce_pp`: exact-match gain over the SFT policy on the
+  held-out arithmetic problems, with the wall time per step.
+
+Prints a table and writes JSON with the machine report.  Run it on a quiet
+machine: the launches are sequential and timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, launch, write_result
+
+# The targets: (comparison, threshold) on the mean of the headline figure. "gain" targets
+# compare the mean with the spread across seeds instead of a fixed number.
+TARGETS = {
+    "sft": ("below", 0.7),  # held-out loss after / before
+    "rm_tiny": ("at_least", 0.9),  # held-out agreement with the gold ordering
+    "rm_minilm": ("at_least", 0.9),
+    "ppo": ("above_spread", 0.0),  # gold gain over the SFT policy, above its spread
+    "dpo": ("above_spread", 0.5),  # win rate over the SFT policy: above 0.5 by more than the spread
+    "grpo": ("above_spread", 0.0),  # exact-match gain over the SFT policy, above its spread
+    "rloo": ("above_spread", 0.0),
+    "reinforce_pp": ("above_spread", 0.0),
+}
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+
+# Stage settings the benchmark uses on top of each config (the configs' own are for quick demos).
+SFT = ["sft.examples=2048", "sft.epochs=2"]
+RM_TINY = ["reward_model.pairs=8192", "reward_model.epochs=1", "reward_model.eval_fraction=0.05"]
+RM_MINILM = ["reward_model.backbone=minilm", "reward_model.pairs=2048", "reward_model.epochs=2",
+             "reward_model.max_length=48", "reward_model.lr=1e-4", "reward_model.eval_fraction=0.1"]
+DPO = ["dpo.pairs=4096", "dpo.epochs=2"]
+ARITHMETIC_SFT: list[str] = []  # the config's own: 2048 demonstrations, 20 epochs
+ARITHMETIC_RL: list[str] = []  # the config's own: 60 steps of 32 prompts x 8 samples
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+REUSE = False  # --reuse: keep a launch whose output directory already holds its summary
+
+
+def _timed(config: str, out_dir: Path, overrides: list[str]) -> float | None:
+    """Wall seconds of one launch (None when --reuse kept an earlier one's output)."""
+    done = (out_dir / "pipeline.json").exists() or (out_dir / "summary.json").exists()
+    if REUSE and done:
+        print(f"  reusing {out_dir}", flush=True)
+        return None
+    print(f"  {config} {' '.join(overrides)}", flush=True)
+    t0 = time.perf_counter()
+    launch(config, out_dir, overrides)
+    return time.perf_counter() - t0
+
+
+def win_rate(ours: list[dict], theirs: list[dict], per: str = "prompt") -> float:
+    """Share of held-out prompts (per="prompt": the mean gold of each prompt's samples) or of
+    (prompt, sample) pairs (per="sample") where `ours` scores higher than `theirs`; ties count 1/2."""
+    def table(rows: list[dict]) -> dict:
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(r["prompt"] if per == "prompt" else (r["prompt"], r["sample"]), []).append(r["gold"])
+        return {k: sum(v) / len(v) for k, v in groups.items()}
+
+    a, b = table(ours), table(theirs)
+    if a.keys() != b.keys():
+        raise ValueError("the two evaluations sampled different prompts; run both with the same run.seed")
+    return sum(1.0 if a[k] > b[k] else 0.5 if a[k] == b[k] else 0.0 for k in a) / len(a)
+
+
+def run_seed(seed: int, root: Path) -> dict[str, dict]:
+    s = f"run.seed={seed}"
+    figures: dict[str, dict] = {}
+
+    pipe = root / "pipeline"
+    wall = _timed("configs/local_tiny_pipeline.yaml", pipe, [s, *SFT, *RM_TINY])
+    stages = _json(pipe / "pipeline.json")["summaries"]
+    sft, rm, ppo = stages["sft"], stages["reward_model"], stages["ppo"]
+    figures["sft"] = {"value": sft["held_out_loss_after"] / sft["held_out_loss_before"],
+                      "loss_before": sft["held_out_loss_before"], "loss_after": sft["held_out_loss_after"]}
+    figures["rm_tiny"] = {"value": rm["held_out_agreement_after"], "before": rm["held_out_agreement_before"],
+                          "held_out_pairs": rm["held_out_pairs"]}
+    last = _jsonl(pipe / "ppo" / "metrics.jsonl")[-1]
+    figures["ppo"] = {"value": ppo["after"]["eval_gold_reward"] - ppo["before"]["eval_gold_reward"],
+                      "gold_sft": ppo["before"]["eval_gold_reward"], "gold_ppo": ppo["after"]["eval_gold_reward"],
+                      "final_kl": last["kl"], "final_proxy_reward": last["score_mean"], "pipeline_wall_s": wall}
+    sft_model = sft["model"]
+
+    minilm = root / "rm_minilm"
+    wall = _timed("configs/local_tiny_reward_model.yaml", minilm, [s, *RM_MINILM])
+    rm = _json(minilm / "summary.json")
+    figures["rm_minilm"] = {"value": rm["held_out_agreement_after"], "before": rm["held_out_agreement_before"],
+                            "held_out_pairs": rm["held_out_pairs"], "wall_s": wall}
+
+    dpo = root / "dpo"
+    _timed("configs/local_tiny_dpo.yaml", dpo, [s, f"model.path={sft_model}", *DPO])
+    dpo_model = _json(dpo / "summary.json")["model"]
+    # Sample the DPO policy exactly as the PPO stage sampled the SFT policy before training.
+    dpo_eval = root / "dpo_eval"
+    _timed("configs/local_tiny_pipeline.yaml", dpo_eval,
+           [s, "run.stages=[ppo]", f"model.path={dpo_model}", "run.steps=0", "run.save_final=false"])
+    ours = _jsonl(dpo_eval / "ppo" / "eval_before.jsonl")
+    theirs = _jsonl(pipe / "ppo" / "eval_before.jsonl")
+    figures["dpo"] = {"value": win_rate(ours, theirs), "win_rate_per_sample": win_rate(ours, theirs, "sample"),
+                      "gold_dpo": statistics.mean(r["gold"] for r in ours),
+                      "gold_sft": statistics.mean(r["gold"] for r in theirs),
+                      "held_out_preferred": _json(dpo / "summary.json")["held_out_preferred_after"]}
+
+    arith = root / "arithmetic"
+    _timed("configs/local_tiny_arithmetic.yaml", arith / "sft_only", [s, "run.stages=[sft]", *ARITHMETIC_SFT])
+    arith_sft = _json(arith / "sft_only" / "pipeline.json")["summaries"]["sft"]["model"]
+    for name in ESTIMATORS:
+        out = arith / name
+        _timed("configs/local_tiny_arithmetic.yaml", out,
+               [s, "run.stages=[ppo]", f"model.path={arith_sft}", f"learner.advantage={name}",
+                "run.save_final=false", *ARITHMETIC_RL])
+        summary = _json(out / "ppo" / "summary.json")
+        steps = _jsonl(out / "ppo" / "metrics.jsonl")
+        step_s = statistics.mean(r["gen_s"] + r["score_s"] + r["train_s"] + r["sync_s"] for r in steps)
+        figures[name] = {"value": summary["after"]["eval_gold_reward"] - summary["before"]["eval_gold_reward"],
+                         "exact_match_sft": summary["before"]["eval_gold_reward"],
+                         "exact_match_after": summary["after"]["eval_gold_reward"],
+                         "train_exact_match_last_step": steps[-1]["score_mean"], "s_per_step": step_s}
+    return figures
+
+
+def judge(name: str, values: list[float]) -> dict:
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    spread = max(values) - min(values)
+    kind, threshold = TARGETS[name]
+    met = {"below": mean < threshold, "at_least": mean >= threshold,
+           "above_spread": mean - threshold > spread}[kind]
+    return {"mean": mean, "std": std, "spread": spread, "values": values, "target": f"{kind} {threshold}",
+            "target_met": bool(met)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="benchmarks/results/pipeline_quality.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", default="runs/quality", help="where the launches write (inside the repository)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep launches that already finished under --runs (after an interrupted benchmark)")
+    args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
+
+    t0 = time.perf_counter()
+    per_seed = {}
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        per_seed[seed] = run_seed(seed, REPO / args.runs / f"seed{seed}")
+    report: dict = {"seeds": args.seeds, "wall_s": time.perf_counter() - t0, "reused_launches": args.reuse}
+    for name in TARGETS:
+        values = [per_seed[s][name]["value"] for s in args.seeds]
+        report[name] = {**judge(name, values), "per_seed": [per_seed[s][name] for s in args.seeds]}
+
+    print(f"\n{'figure':<13} {'mean':>8} {'std':>7} {'spread':>7}  {'target':<18} {'met':<5} detail")
+    for name in TARGETS:
+        r = report[name]
+        detail = ""
+        if name == "ppo":
+            detail = f"final KL {statistics.mean(p['final_kl'] for p in r['per_seed']):.3f}"
+        if name in ESTIMATORS:
+            detail = f"{statistics.mean(p['s_per_step'] for p in r['per_seed']):.2f} s/step"
+        print(f"{name:<13} {r['mean']:>8.4f} {r['std']:>7.4f} {r['spread']:>7.4f}  {r['target']:<18} "
+              f"{str(r['target_met']):<5} {detail}")
+    write_result(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""End-to-end: a short training submitted with the real `ray job submit` CLI to a
+real Ray head started with `ray start --head` on loopback, as the README says.
+
+The job's working directory is Ray's temporary copy of the upload; the run's
+outputs must land where the README says instead (a relative --output-dir goes
+under $FLYWHEEL_OUTPUT_ROOT, default ~/flywheel-runs), and `ray job status` /
+`ray job logs` must answer as Ray users expect. The cluster is always stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flywheel.net import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _ray(*args: str, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head` on loopback with its own ports and temp dir; `ray stop` afterwards, always."""
+    gcs, dashboard = free_port(), free_port()
+    temp_dir = Path("/tmp") / f"fwjob{gcs}"  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "FLYWHEEL_OUTPUT_ROOT": str(tmp_path / "durable"), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                   f"--temp-dir={temp_dir}", "--disable-usage-stats", env=env, timeout_s=180)
+    try:
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _ray("stop", "--force", env=env, timeout_s=120)
+        subprocess.run(["rm", "-rf", str(temp_dir)], timeout=60)
+
+
+@pytest.mark.timeout(900)
+def test_ray_job_submit_keeps_its_outputs(ray_head, tmp_path):
+    address, env = ray_head
+    job_id = "flywheel_test_job"
+    # The README's command, shrunk by overrides; the output directory is relative, as a user would give it.
+    submitted = _ray("job", "submit", f"--address={address}", f"--submission-id={job_id}", "--working-dir", ".",
+                     "--", "python", "-m", "cluster.launch", "--config", "configs/local_tiny_ppo.yaml",
+                     "--output-dir", "runs/job", "run.steps=2", "run.eval_prompts=8", "data.prompts_per_step=8",
+                     "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "learner.world_size=1",
+                     "rollout.num_actors=1", env=env, timeout_s=780)
+    logs = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs, logs[-2000:]
+
+    durable = tmp_path / "durable" / "runs" / "job"
+    assert str(durable) in logs  # the run said where its outputs go
+    summary = json.loads((durable / "summary.json").read_text())
+    assert summary["steps"] == 2 and (durable / "final" / "model.safetensors").is_file()
+    assert len((durable / "metrics.jsonl").read_text().splitlines()) == 2
+
+    status = _ray("job", "status", f"--address={address}", job_id, env=env, timeout_s=60)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    job_logs = _ray("job", "logs", f"--address={address}", job_id, env=env, timeout_s=60)
+    assert job_logs.returncode == 0 and "flywheel: ppo done" in job_logs.stdout, job_logs.stdout[-2000:]
+
+
+def _processes(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True, timeout=30)
+    return [line for line in found.stdout.splitlines() if "pgrep" not in line]
+
+
+@pytest.mark.timeout(900)
+def test_ray_job_stop_stops_every_process_of_the_run(ray_head, tmp_path):
+    address, env = ray_head
+    job_id = "flywheel_test_stop"
+    submitted = _ray("job", "submit", f"--address={address}", f"--submission-id={job_id}", "--no-wait",
+                     "--working-dir", ".", "--", "python", "-m", "cluster.launch", "--config",
+                     "configs/local_tiny_ppo.yaml", "--output-dir", str(tmp_path / "stopped"), "run.steps=500",
+                     "learner.world_size=1", "rollout.num_actors=1", env=env, timeout_s=120)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    # Wait (bounded) until the run is training, then stop it as a user would.
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert time.monotonic() < deadline, _ray("job", "logs", f"--address={address}", job_id, env=env,
+                                                 timeout_s=60).stdout[-3000:]
+        time.sleep(2)
+    assert _processes("ray::RolloutWorker") and _processes("reward_service")
+    stopped = _ray("job", "stop", f"--address={address}", job_id, env=env, timeout_s=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    status = _ray("job", "status", f"--address={address}", job_id, env=env, timeout_s=60)
+    assert "STOPPED" in status.stdout, status.stdout + status.stderr
+    # Nothing of the run is left: no actor, learner rank or reward service process.
+    deadline = time.monotonic() + 60
+    while left := (_processes("ray::RolloutWorker") + _processes("ray::LearnerWorker")
+                   + _processes("-m reward_service")):
+        assert time.monotonic() < deadline, left
+        time.sleep(1)

@@ -29,6 +29,17 @@ def _ray(*args: str, env: dict, timeout_s: float) -> subprocess.CompletedProcess
                           timeout=timeout_s)
 
 
+def _submit(*args: str, env: dict, timeout_s: float, agent_wait_s: float = 120) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the new head's job agent is still starting (Ray answers
+    "No available agent to submit job, please try again later" for the first seconds)."""
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        result = _ray("job", "submit", *args, env=env, timeout_s=timeout_s)
+        if "No available agent" not in result.stderr + result.stdout or time.monotonic() > deadline:
+            return result
+        time.sleep(2)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head` on loopback with its own ports and temp dir; `ray stop` afterwards, always."""
@@ -53,11 +64,11 @@ def test_ray_job_submit_keeps_its_outputs(ray_head, tmp_path):
     address, env = ray_head
     job_id = "flywheel_test_job"
     # The README's command, shrunk by overrides; the output directory is relative, as a user would give it.
-    submitted = _ray("job", "submit", f"--address={address}", f"--submission-id={job_id}", "--working-dir", ".",
-                     "--", "python", "-m", "cluster.launch", "--config", "configs/local_tiny_ppo.yaml",
-                     "--output-dir", "runs/job", "run.steps=2", "run.eval_prompts=8", "data.prompts_per_step=8",
-                     "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "learner.world_size=1",
-                     "rollout.num_actors=1", env=env, timeout_s=780)
+    submitted = _submit(f"--address={address}", f"--submission-id={job_id}", "--working-dir", ".",
+                        "--", "python", "-m", "cluster.launch", "--config", "configs/local_tiny_ppo.yaml",
+                        "--output-dir", "runs/job", "run.steps=2", "run.eval_prompts=8", "data.prompts_per_step=8",
+                        "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "learner.world_size=1",
+                        "rollout.num_actors=1", env=env, timeout_s=780)
     logs = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, logs[-4000:]
     assert "succeeded" in logs, logs[-2000:]
@@ -74,8 +85,12 @@ def test_ray_job_submit_keeps_its_outputs(ray_head, tmp_path):
     assert job_logs.returncode == 0 and "flywheel: ppo done" in job_logs.stdout, job_logs.stdout[-2000:]
 
 
+# A run's processes: its rollout actors, learner ranks and reward service.
+_RUN_PROCESSES = "ray::RolloutWorker|ray::LearnerWorker|-m reward_service"
+
+
 def _processes(pattern: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True, timeout=30)
+    found = subprocess.run(["pgrep", "-af", "--", pattern], capture_output=True, text=True, timeout=30)
     return [line for line in found.stdout.splitlines() if "pgrep" not in line]
 
 
@@ -83,10 +98,12 @@ def _processes(pattern: str) -> list[str]:
 def test_ray_job_stop_stops_every_process_of_the_run(ray_head, tmp_path):
     address, env = ray_head
     job_id = "flywheel_test_stop"
-    submitted = _ray("job", "submit", f"--address={address}", f"--submission-id={job_id}", "--no-wait",
-                     "--working-dir", ".", "--", "python", "-m", "cluster.launch", "--config",
-                     "configs/local_tiny_ppo.yaml", "--output-dir", str(tmp_path / "stopped"), "run.steps=500",
-                     "learner.world_size=1", "rollout.num_actors=1", env=env, timeout_s=120)
+    ours = _RUN_PROCESSES
+    others = set(_processes(ours))  # anything already running on the machine is not this job's
+    submitted = _submit(f"--address={address}", f"--submission-id={job_id}", "--no-wait",
+                        "--working-dir", ".", "--", "python", "-m", "cluster.launch", "--config",
+                        "configs/local_tiny_ppo.yaml", "--output-dir", str(tmp_path / "stopped"), "run.steps=500",
+                        "learner.world_size=1", "rollout.num_actors=1", env=env, timeout_s=120)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     # Wait (bounded) until the run is training, then stop it as a user would.
     metrics = tmp_path / "stopped" / "metrics.jsonl"
@@ -95,14 +112,13 @@ def test_ray_job_stop_stops_every_process_of_the_run(ray_head, tmp_path):
         assert time.monotonic() < deadline, _ray("job", "logs", f"--address={address}", job_id, env=env,
                                                  timeout_s=60).stdout[-3000:]
         time.sleep(2)
-    assert _processes("ray::RolloutWorker") and _processes("reward_service")
+    assert set(_processes("ray::RolloutWorker")) - others and set(_processes("-m reward_service")) - others
     stopped = _ray("job", "stop", f"--address={address}", job_id, env=env, timeout_s=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     status = _ray("job", "status", f"--address={address}", job_id, env=env, timeout_s=60)
     assert "stopped" in status.stdout.lower(), status.stdout + status.stderr
     # Nothing of the run is left: no actor, learner rank or reward service process.
     deadline = time.monotonic() + 60
-    while left := (_processes("ray::RolloutWorker") + _processes("ray::LearnerWorker")
-                   + _processes("-m reward_service")):
+    while left := set(_processes(ours)) - others:
         assert time.monotonic() < deadline, left
         time.sleep(1)

@@ -27,13 +27,15 @@ from pathlib import Path
 
 from common import REPO, launch, write_result
 
+from cluster.metrics import read_metrics
+
 CONFIG = "configs/local_tiny_pipeline.yaml"
 # A strong push: higher lr and more PPO epochs than the demo, so the policy reaches the judge's mistakes.
 PUSH = ["learner.lr=3e-4", "learner.ppo_epochs=4"]
 
 
 def _curves(run_dir: Path) -> dict[str, list[float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return {"step": [r["step"] for r in rows], "proxy": [r["score_mean"] for r in rows],
             "gold": [r["gold_reward_mean"] for r in rows], "kl": [r["kl"] for r in rows]}
 

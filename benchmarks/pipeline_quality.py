@@ -45,6 +45,8 @@ from pathlib import Path
 
 from common import REPO, launch, write_result
 
+from cluster.metrics import read_metrics  # any JSON-lines file of a run
+
 # The targets: (comparison, threshold) on the mean of the headline figure. "gain" targets
 # compare the mean with the spread across seeds instead of a fixed number.
 TARGETS = {
@@ -71,10 +73,6 @@ ARITHMETIC_RL: list[str] = []  # the config's own: 60 steps of 32 prompts x 8 sa
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 REUSE = False  # --reuse: keep a launch whose output directory already holds its summary
@@ -119,7 +117,7 @@ def run_seed(seed: int, root: Path) -> dict[str, dict]:
                       "loss_before": sft["held_out_loss_before"], "loss_after": sft["held_out_loss_after"]}
     figures["rm_tiny"] = {"value": rm["held_out_agreement_after"], "before": rm["held_out_agreement_before"],
                           "held_out_pairs": rm["held_out_pairs"]}
-    last = _jsonl(pipe / "ppo" / "metrics.jsonl")[-1]
+    last = read_metrics(pipe / "ppo" / "metrics.jsonl")[-1]
     figures["ppo"] = {"value": ppo["after"]["eval_gold_reward"] - ppo["before"]["eval_gold_reward"],
                       "gold_sft": ppo["before"]["eval_gold_reward"], "gold_ppo": ppo["after"]["eval_gold_reward"],
                       "final_kl": last["kl"], "final_proxy_reward": last["score_mean"], "pipeline_wall_s": wall}
@@ -138,8 +136,8 @@ def run_seed(seed: int, root: Path) -> dict[str, dict]:
     dpo_eval = root / "dpo_eval"
     _timed("configs/local_tiny_pipeline.yaml", dpo_eval,
            [s, "run.stages=[ppo]", f"model.path={dpo_model}", "run.steps=0", "run.save_final=false"])
-    ours = _jsonl(dpo_eval / "ppo" / "eval_before.jsonl")
-    theirs = _jsonl(pipe / "ppo" / "eval_before.jsonl")
+    ours = read_metrics(dpo_eval / "ppo" / "eval_before.jsonl")
+    theirs = read_metrics(pipe / "ppo" / "eval_before.jsonl")
     figures["dpo"] = {"value": win_rate(ours, theirs), "win_rate_per_sample": win_rate(ours, theirs, "sample"),
                       "gold_dpo": statistics.mean(r["gold"] for r in ours),
                       "gold_sft": statistics.mean(r["gold"] for r in theirs),
@@ -154,7 +152,7 @@ def run_seed(seed: int, root: Path) -> dict[str, dict]:
                [s, "run.stages=[ppo]", f"model.path={arith_sft}", f"learner.advantage={name}",
                 "run.save_final=false", *ARITHMETIC_RL])
         summary = _json(out / "ppo" / "summary.json")
-        steps = _jsonl(out / "ppo" / "metrics.jsonl")
+        steps = read_metrics(out / "ppo" / "metrics.jsonl")
         step_s = statistics.mean(r["gen_s"] + r["score_s"] + r["train_s"] + r["sync_s"] for r in steps)
         figures[name] = {"value": summary["after"]["eval_gold_reward"] - summary["before"]["eval_gold_reward"],
                          "exact_match_sft": summary["before"]["eval_gold_reward"],

@@ -10,9 +10,9 @@ Ray and the HTTP reward service):
   from the SFT policy, then PPO from the SFT policy against that judge served
   over HTTP (KL reference: the SFT policy);
 - `configs/local_tiny_reward_model.yaml` with `reward_model.backbone=minilm`;
-- `configs/local_tiny_dpo.yaml` from the seed's SFT policy, then a launch with
-  `run.steps=0` that samples the DPO policy on the held-out prompts with the
-  same seeds as the PPO stage's first evaluation of the SFT policy;
+- `configs/local_tiny_dpo.yaml` from the seed's SFT policy, then two launches
+  with `run.steps=0` that sample the DPO policy and the SFT policy on every
+  held-out prompt, 16 samples each, with the same seeds;
 - `configs/local_tiny_arithmetic.yaml`: SFT once, then one RL run per
   estimator from it, each with the same prompts, samples and steps.
 
@@ -20,7 +20,8 @@ Headline figures (one per key of the JSON; `spread` is max - min over seeds):
 
 - `sft`: held-out loss after / before, on demonstrations held out of training;
 - `rm_tiny`, `rm_minilm`: agreement with the gold labeller's ordering on held-out
-  pairs (the judge is trained on the noisy labeller's choices);
+  pairs (the judge is trained on the noisy labeller's choices, which agree with
+  that ordering only about 86% of the time; both figures are reported);
 - `ppo`: gold reward after PPO minus the SFT policy's, on held-out prompts; the
   final KL to the reference is reported beside it;
 - `dpo`: gold win rate of the DPO policy over the SFT policy: the share of
@@ -67,6 +68,9 @@ RM_TINY = ["reward_model.pairs=8192", "reward_model.epochs=1", "reward_model.eva
 RM_MINILM = ["reward_model.backbone=minilm", "reward_model.pairs=2048", "reward_model.epochs=2",
              "reward_model.max_length=48", "reward_model.lr=1e-4", "reward_model.eval_fraction=0.1"]
 DPO = ["dpo.pairs=4096", "dpo.epochs=2"]
+# The win rate compares mean gold per prompt: every held-out prompt (143), 16 samples each, so that
+# the sampling noise of a prompt's mean is small beside the difference between the policies.
+DPO_EVAL = ["run.eval_prompts=143", "rollout.samples_per_prompt=16"]
 ARITHMETIC_SFT: list[str] = []  # the config's own: 2048 demonstrations, 20 epochs
 ARITHMETIC_RL: list[str] = []  # the config's own: 60 steps of 32 prompts x 8 samples
 
@@ -105,6 +109,22 @@ def win_rate(ours: list[dict], theirs: list[dict], per: str = "prompt") -> float
     return sum(1.0 if a[k] > b[k] else 0.5 if a[k] == b[k] else 0.0 for k in a) / len(a)
 
 
+def _judge_figures(summary: dict) -> dict:
+    """Agreement with the gold ordering (the headline), and with the noisy labels the judge was trained
+    on, beside how often those labels agree with the gold ordering themselves (their ceiling)."""
+    return {"value": summary["held_out_gold_agreement_after"], "before": summary["held_out_gold_agreement_before"],
+            "label_agreement": summary["held_out_agreement_after"],
+            "labels_agree_with_gold": summary["held_out_labels_agree_with_gold"],
+            "held_out_pairs": summary["held_out_pairs"]}
+
+
+def _sampled(model: str, out_dir: Path, seed_override: str) -> list[dict]:
+    """A policy's samples on the held-out prompts (`run.steps=0` only evaluates)."""
+    _timed("configs/local_tiny_pipeline.yaml", out_dir,
+           [seed_override, "run.stages=[ppo]", f"model.path={model}", "run.steps=0", "run.save_final=false", *DPO_EVAL])
+    return read_metrics(out_dir / "ppo" / "eval_before.jsonl")
+
+
 def run_seed(seed: int, root: Path) -> dict[str, dict]:
     s = f"run.seed={seed}"
     figures: dict[str, dict] = {}
@@ -115,8 +135,7 @@ def run_seed(seed: int, root: Path) -> dict[str, dict]:
     sft, rm, ppo = stages["sft"], stages["reward_model"], stages["ppo"]
     figures["sft"] = {"value": sft["held_out_loss_after"] / sft["held_out_loss_before"],
                       "loss_before": sft["held_out_loss_before"], "loss_after": sft["held_out_loss_after"]}
-    figures["rm_tiny"] = {"value": rm["held_out_agreement_after"], "before": rm["held_out_agreement_before"],
-                          "held_out_pairs": rm["held_out_pairs"]}
+    figures["rm_tiny"] = _judge_figures(rm)
     last = read_metrics(pipe / "ppo" / "metrics.jsonl")[-1]
     figures["ppo"] = {"value": ppo["after"]["eval_gold_reward"] - ppo["before"]["eval_gold_reward"],
                       "gold_sft": ppo["before"]["eval_gold_reward"], "gold_ppo": ppo["after"]["eval_gold_reward"],
@@ -126,18 +145,13 @@ def run_seed(seed: int, root: Path) -> dict[str, dict]:
     minilm = root / "rm_minilm"
     wall = _timed("configs/local_tiny_reward_model.yaml", minilm, [s, *RM_MINILM])
     rm = _json(minilm / "summary.json")
-    figures["rm_minilm"] = {"value": rm["held_out_agreement_after"], "before": rm["held_out_agreement_before"],
-                            "held_out_pairs": rm["held_out_pairs"], "wall_s": wall}
+    figures["rm_minilm"] = {**_judge_figures(rm), "wall_s": wall}
 
     dpo = root / "dpo"
     _timed("configs/local_tiny_dpo.yaml", dpo, [s, f"model.path={sft_model}", *DPO])
     dpo_model = _json(dpo / "summary.json")["model"]
-    # Sample the DPO policy exactly as the PPO stage sampled the SFT policy before training.
-    dpo_eval = root / "dpo_eval"
-    _timed("configs/local_tiny_pipeline.yaml", dpo_eval,
-           [s, "run.stages=[ppo]", f"model.path={dpo_model}", "run.steps=0", "run.save_final=false"])
-    ours = read_metrics(dpo_eval / "ppo" / "eval_before.jsonl")
-    theirs = read_metrics(pipe / "ppo" / "eval_before.jsonl")
+    # Both policies sampled alike: every held-out prompt, many samples each, the same seeds.
+    ours, theirs = (_sampled(model, root / name, s) for model, name in ((dpo_model, "dpo_eval"), (sft_model, "sft_eval")))
     figures["dpo"] = {"value": win_rate(ours, theirs), "win_rate_per_sample": win_rate(ours, theirs, "sample"),
                       "gold_dpo": statistics.mean(r["gold"] for r in ours),
                       "gold_sft": statistics.mean(r["gold"] for r in theirs),

@@ -112,6 +112,10 @@ class StageTrainingConfig:
     epochs: int = setting(2, "passes over the training data", min=1)
     batch_size: int = setting(32, "examples (or pairs) per optimiser step, across all ranks", min=1)
     lr: float = setting(1e-3, "learning rate (AdamW)", gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = setting(
+        "cosine", "the learning rate over the stage's steps: a cosine or linear decay from lr to 0, or constant")
+    warmup_steps: int = setting(0, "optimiser steps of linear warm-up from near 0 to lr before the schedule", min=0)
+    weight_decay: float | None = setting(None, "AdamW weight decay; null: learner.weight_decay", min=0)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def _sft_examples(cfg: FlywheelConfig) -> list[data_formats.SFTExample]:
 def _pairs(source: str | None, count: int, seed: int) -> list[data_formats.PreferenceExample]:
     if source:
         return data_formats.load_preferences(source)
-    return [data_formats.PreferenceExample(p.prompt, p.chosen, p.rejected)
+    return [data_formats.PreferenceExample(p.prompt, p.chosen, p.rejected, gold_margin=p.gold_chosen - p.gold_rejected)
             for p in synthetic_task.make_preference_pairs(count, seed)]
 
 
@@ -126,13 +126,25 @@ def _train_sft(cfg: FlywheelConfig, group, model_path: str, data: tuple[list, li
             "held_out_examples": len(held), "steps": step}
 
 
-def _agreement(group, pairs: list, batch_size: int, world: int) -> float:
-    right = count = 0.0
+def _agreement(group, pairs: list, batch_size: int, world: int) -> dict[str, float]:
+    """The judge's held-out agreement with the pairs' labels, and with the gold labeller's ordering
+    where the data carries one (the synthetic task's labels are noisy choices of that labeller)."""
+    right = count = gold_right = gold_count = 0.0
     for rows in _eval_batches(len(pairs), batch_size, world):
-        r, c = group.call("evaluate", [pairs[i].prompt for i in rows], [pairs[i].chosen for i in rows],
-                          [pairs[i].rejected for i in rows], what="the held-out agreement")
-        right, count = right + r, count + c
-    return right / max(count, 1.0)
+        sums = group.call("evaluate", [pairs[i].prompt for i in rows], [pairs[i].chosen for i in rows],
+                          [pairs[i].rejected for i in rows], [pairs[i].gold_margin for i in rows],
+                          what="the held-out agreement")
+        right, count, gold_right, gold_count = (a + b for a, b in zip((right, count, gold_right, gold_count), sums))
+    out = {"labels": right / max(count, 1.0)}
+    if gold_count:
+        out["gold"] = gold_right / gold_count
+    return out
+
+
+def _label_noise(pairs: list) -> dict[str, float]:
+    """How often the labels themselves agree with the gold ordering: the ceiling of label agreement."""
+    ordered = [p.gold_margin for p in pairs if p.gold_margin]
+    return {"held_out_labels_agree_with_gold": sum(m > 0 for m in ordered) / len(ordered)} if ordered else {}
 
 
 def _load_reward_model(cfg: FlywheelConfig) -> tuple[list, list]:
@@ -146,7 +158,8 @@ def _train_reward_model(cfg: FlywheelConfig, group, model_path: str, data: tuple
     train, held = data
     world = cfg.learner.world_size
     before = _agreement(group, held, rc.batch_size, world)
-    log.info("reward_model: %d train / %d held-out pairs; held-out agreement %.4f", len(train), len(held), before)
+    log.info("reward_model: %d train / %d held-out pairs; held-out agreement %s", len(train), len(held),
+             _agreement_text(before))
     step = 0
     metrics.expect(rc.epochs * (len(train) // rc.batch_size))
     for epoch in range(rc.epochs):
@@ -157,9 +170,18 @@ def _train_reward_model(cfg: FlywheelConfig, group, model_path: str, data: tuple
             metrics.log({"step": step, "epoch": epoch, "loss": loss, "accuracy": acc})
             step += 1
     after = _agreement(group, held, rc.batch_size, world)
-    log.info("reward_model: held-out agreement %.4f -> %.4f", before, after)
-    return {"held_out_agreement_before": before, "held_out_agreement_after": after, "train_pairs": len(train),
-            "held_out_pairs": len(held), "steps": step}
+    log.info("reward_model: held-out agreement %s -> %s", _agreement_text(before), _agreement_text(after))
+    summary = {"held_out_agreement_before": before["labels"], "held_out_agreement_after": after["labels"],
+               "train_pairs": len(train), "held_out_pairs": len(held), "steps": step}
+    if "gold" in after:
+        summary.update(held_out_gold_agreement_before=before["gold"], held_out_gold_agreement_after=after["gold"],
+                       **_label_noise(held))
+    return summary
+
+
+def _agreement_text(agreement: dict[str, float]) -> str:
+    gold = f", gold ordering {agreement['gold']:.4f}" if "gold" in agreement else ""
+    return f"labels {agreement['labels']:.4f}{gold}"
 
 
 def _load_dpo(cfg: FlywheelConfig) -> tuple[list, list]:
@@ -210,12 +232,14 @@ def _train_dpo(cfg: FlywheelConfig, group, model_path: str, data: tuple[list, li
 
 
 def _stage_worker(cfg: FlywheelConfig, model_path: str) -> tuple[type, str, dict[str, Any], Callable, Callable]:
-    """(worker class, the model it starts from, its arguments, the data loader, the training loop) for run.stage."""
+    """(worker class, the model it starts from, its arguments, the data loader, the training loop) for run.stage.
+    The arguments leave out the learning-rate schedule, which needs the data's size (`_schedule`)."""
     from flywheel.pretrained import minilm_path
     from learner.stages import DPOWorker, RewardModelWorker, SFTWorker
 
-    lc = cfg.learner
-    common = {"weight_decay": lc.weight_decay, "max_grad_norm": lc.max_grad_norm}
+    lc, sc = cfg.learner, getattr(cfg, cfg.run.stage)
+    common = {"weight_decay": lc.weight_decay if sc.weight_decay is None else sc.weight_decay,
+              "max_grad_norm": lc.max_grad_norm}
     if cfg.run.stage == "sft":
         return SFTWorker, model_path, {"lr": cfg.sft.lr, **common}, _load_sft, _train_sft
     if cfg.run.stage == "reward_model":
@@ -225,6 +249,13 @@ def _stage_worker(cfg: FlywheelConfig, model_path: str) -> tuple[type, str, dict
         return RewardModelWorker, backbone, kwargs, _load_reward_model, _train_reward_model
     kwargs = {"lr": cfg.dpo.lr, "beta": cfg.dpo.beta, "loss": cfg.dpo.loss, **common}
     return DPOWorker, model_path, kwargs, _load_dpo, _train_dpo
+
+
+def _schedule(sc, train_items: int):
+    from learner.engine import LRSchedule
+
+    # The same count as the training loops: full batches only, every epoch.
+    return LRSchedule(sc.lr_schedule, sc.warmup_steps, sc.epochs * (train_items // sc.batch_size))
 
 
 def run_stage(cfg: FlywheelConfig) -> dict[str, Any]:
@@ -238,6 +269,7 @@ def run_stage(cfg: FlywheelConfig) -> dict[str, Any]:
     machine, precision = describe_machine(cfg)
     worker_cls, start_from, kwargs, load, train = _stage_worker(cfg, resolve_model(cfg))
     data = load(cfg)  # bad data stops the run here, before anything starts
+    kwargs["schedule"] = _schedule(getattr(cfg, cfg.run.stage), len(data[0]))
     summary: dict[str, Any] = {"stage": cfg.run.stage, "start_from": start_from, "dtype": precision.dtype,
                                "machine": machine}
     metrics = MetricsWriter(out_dir / "metrics.jsonl")

@@ -86,6 +86,9 @@ class PreferenceExample:
     chosen: str  # continuation preferred by the labeller
     rejected: str
     weight: float = 1.0  # pairs expanded from one ranking share weight 1 per prompt
+    # gold(chosen) - gold(rejected) where the data carries a gold labeller's scores (the synthetic
+    # task's `gold_chosen` / `gold_rejected` columns): the true ordering behind a noisy choice.
+    gold_margin: float | None = None
 
 
 class DataError(ValueError):
@@ -299,7 +302,14 @@ def _distinct(chosen: str, rejected: str) -> None:
 def _pref_triple(row: Mapping, tokenizer: Any) -> list[PreferenceExample]:
     prompt, chosen, rejected = _texts(row, ("prompt", "chosen", "rejected"))
     _distinct(chosen, rejected)
-    return [PreferenceExample(prompt, chosen, rejected)]
+    return [PreferenceExample(prompt, chosen, rejected, gold_margin=_gold_margin(row))]
+
+
+def _gold_margin(row: Mapping) -> float | None:
+    golds = row.get("gold_chosen"), row.get("gold_rejected")
+    if all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in golds):
+        return float(golds[0]) - float(golds[1])
+    return None
 
 
 def split_hh_transcript(text: str) -> tuple[str, str] | None:

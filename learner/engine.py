@@ -8,6 +8,7 @@ reward-model and DPO stages (`learner/stages.py`).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import sys
 import time
@@ -124,9 +125,38 @@ def join_group(setup: LearnerSetup) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if setup.device == "cuda" else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate over a known number of optimiser steps, as a factor of the peak rate:
+    a linear warm-up over `warmup_steps`, then constant, or a linear or cosine decay to zero at
+    `total_steps`."""
+
+    kind: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    total_steps: int = 1
+
+    KINDS = ("constant", "linear", "cosine")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"lr schedule must be one of {self.KINDS}, got {self.kind!r}")
+
+    def factor(self, step: int) -> float:
+        """The multiplier of the peak rate for optimiser step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        done = min(1.0, (step - self.warmup_steps) / span)
+        return 1.0 - done if self.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def make_engine(model: torch.nn.Module, setup: LearnerSetup, lr: float, weight_decay: float, micro_batch: int,
-                max_grad_norm: float):
-    """A DeepSpeed engine around `model` (fp32 master weights; bf16 compute when the run's dtype is bf16)."""
+                max_grad_norm: float, schedule: LRSchedule | None = None):
+    """A DeepSpeed engine around `model` (fp32 master weights; bf16 compute when the run's dtype is bf16).
+
+    With a `schedule`, every `engine.step()` also moves the learning rate along it."""
     import deepspeed
 
     config = {
@@ -141,7 +171,10 @@ def make_engine(model: torch.nn.Module, setup: LearnerSetup, lr: float, weight_d
         "wall_clock_breakdown": False,
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    scheduler = None
+    if schedule is not None and (schedule.kind != "constant" or schedule.warmup_steps):
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, lr_scheduler=scheduler)
     return engine
 
 

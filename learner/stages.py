@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from learner.engine import LearnerSetup, join_group, leave_group, make_engine, pad_token_id, save_hf
+from learner.engine import LearnerSetup, LRSchedule, join_group, leave_group, make_engine, pad_token_id, save_hf
 from learner.experience import TokenBatch, pad_batch, policy_forward
 from learner.losses import AVERAGED_LOGPS, PREFERENCE_LOSSES, bradley_terry_loss, masked_mean, masked_sum
 from learner.models import load_causal_lm
@@ -41,11 +41,13 @@ def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
 class SFTWorker:
     """Supervised fine-tuning: next-token loss on the response tokens only (prompt tokens masked out)."""
 
-    def __init__(self, setup: LearnerSetup, lr: float, weight_decay: float = 0.0, max_grad_norm: float = 1.0):
+    def __init__(self, setup: LearnerSetup, lr: float, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+                 schedule: LRSchedule | None = None):
         self.setup = setup
         self.device = join_group(setup)
         self.pad_id = pad_token_id(setup.model_path)
-        self.model = make_engine(load_causal_lm(setup.model_path, "float32"), setup, lr, weight_decay, 1, max_grad_norm)
+        self.model = make_engine(load_causal_lm(setup.model_path, "float32"), setup, lr, weight_decay, 1, max_grad_norm,
+                                 schedule)
 
     def _tokens(self, prompt_ids: list[np.ndarray], response_ids: list[np.ndarray]) -> TokenBatch:
         rows = _my_rows(len(prompt_ids), self.setup.rank, self.setup.world_size)
@@ -90,7 +92,7 @@ class RewardModelWorker:
     """
 
     def __init__(self, setup: LearnerSetup, lr: float, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 max_length: int = 256):
+                 max_length: int = 256, schedule: LRSchedule | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -111,7 +113,7 @@ class RewardModelWorker:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = min(max_length, self.tokenizer.model_max_length)
-        self.model = make_engine(model, setup, lr, weight_decay, 1, max_grad_norm)
+        self.model = make_engine(model, setup, lr, weight_decay, 1, max_grad_norm, schedule)
 
     def _scores(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -137,12 +139,19 @@ class RewardModelWorker:
         return loss_sum / total_w, correct / len(prompts)
 
     @torch.no_grad()
-    def evaluate(self, prompts: list[str], chosen: list[str], rejected: list[str]) -> tuple[float, float]:
-        """(pairs ordered right, pairs) over the whole batch: chosen scored above rejected."""
+    def evaluate(self, prompts: list[str], chosen: list[str], rejected: list[str],
+                 gold_margins: list[float | None] | None = None) -> tuple[float, float, float, float]:
+        """Over the whole batch: (pairs ordered as labelled, pairs, pairs ordered as the gold labeller
+        orders them, pairs with a gold order). A pair's gold order is the sign of its gold margin;
+        pairs without one, or tied, are left out of the last two counts."""
         self.model.eval()
         c, r, _ = self._pairs(prompts, chosen, rejected, [1.0] * len(prompts))
-        right, count = _sum_over_ranks([(c > r).sum().item(), float(len(c))], self.device)
-        return right, count
+        rows = _my_rows(len(prompts), self.setup.rank, self.setup.world_size)
+        margins = (gold_margins or [None] * len(prompts))[rows]
+        gold = torch.tensor([0.0 if m is None else float(np.sign(m)) for m in margins], device=self.device)
+        agrees = torch.sign(c - r) == gold
+        return tuple(_sum_over_ranks([(c > r).sum().item(), float(len(c)),
+                                      (agrees & (gold != 0)).sum().item(), (gold != 0).sum().item()], self.device))
 
     @torch.no_grad()
     def score(self, texts: list[str]) -> list[float]:
@@ -165,14 +174,15 @@ class DPOWorker:
     """
 
     def __init__(self, setup: LearnerSetup, lr: float, beta: float, loss: str = "dpo", weight_decay: float = 0.0,
-                 max_grad_norm: float = 1.0):
+                 max_grad_norm: float = 1.0, schedule: LRSchedule | None = None):
         if loss not in PREFERENCE_LOSSES:
             raise ValueError(f"dpo loss must be one of {sorted(PREFERENCE_LOSSES)}, got {loss!r}")
         self.setup, self.beta, self.loss_fn = setup, beta, PREFERENCE_LOSSES[loss]
         self.average = AVERAGED_LOGPS[loss]
         self.device = join_group(setup)
         self.pad_id = pad_token_id(setup.model_path)
-        self.model = make_engine(load_causal_lm(setup.model_path, "float32"), setup, lr, weight_decay, 1, max_grad_norm)
+        self.model = make_engine(load_causal_lm(setup.model_path, "float32"), setup, lr, weight_decay, 1, max_grad_norm,
+                                 schedule)
         ref_path = setup.ref_model_path or setup.model_path
         self.ref = load_causal_lm(ref_path, setup.dtype).to(self.device).eval().requires_grad_(False)
 

@@ -110,12 +110,12 @@ def _reward_model_case(model_path, tmp_path, backbone):
     h_rejected = [b if better else a for a, b, better in zip(h_a, h_b, h_gold_a_better)]
     worker = RewardModelWorker(_setup(path), lr=5e-4 if backbone == "tiny" else 1e-4, max_length=64)
     try:
-        right, count = worker.evaluate(h_prompts, h_chosen, h_rejected)
+        right, count = worker.evaluate(h_prompts, h_chosen, h_rejected)[:2]
         before = right / count
         for epoch in range(epochs):
             for b in _batches(n_train, 32):
                 worker.train_batch(prompts[b], chosen[b], rejected[b], [1.0] * 32)
-        right, count = worker.evaluate(h_prompts, h_chosen, h_rejected)
+        right, count = worker.evaluate(h_prompts, h_chosen, h_rejected)[:2]
         after = right / count
         # Measured, tiny: 0.48 -> 0.83 (random init: it must learn which words belong to which topic).
         # Measured: MiniLM 0.50 -> 0.81 on 384 pairs.

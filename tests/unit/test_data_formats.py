@@ -66,7 +66,9 @@ def test_synthetic_task_files_load(tmp_path):
     demos = synthetic_task.make_sft_demonstrations(5, 0)
     pairs = synthetic_task.make_preference_pairs(5, 0)
     assert load_sft(paths["sft"]) == [SFTExample(d.prompt, d.completion) for d in demos]
-    assert load_preferences(paths["preferences"]) == [PreferenceExample(p.prompt, p.chosen, p.rejected) for p in pairs]
+    assert load_preferences(paths["preferences"]) == [
+        PreferenceExample(p.prompt, p.chosen, p.rejected, gold_margin=p.gold_chosen - p.gold_rejected) for p in pairs
+    ]
 
 
 def test_sft_chat_rendering(tokenizer):

@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{d}: no metrics.jsonl or config.json there, nor in a stage directory below it; "
                          "pass a run's output directory (run.output_dir)")
         runs.extend(found)
+    if len({r.name for r in runs}) < len(runs):  # runs/a/ppo beside runs/b/ppo: name them by their parents too
+        for r in runs:
+            r.name = "/".join(r.out_dir.resolve().parts[-2:])
     server = DashboardServer(runs, args.host, args.port).start()
     print(f"dashboard: {server.url} ({', '.join(r.name for r in runs)}); Ctrl-C stops it", flush=True)
     try:

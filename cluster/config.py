@@ -162,7 +162,8 @@ class MonitorConfig:
     dashboard_port: int = setting(0, "port of the dashboard; 0 picks a free one", min=0, max=65535)
     prometheus: bool = setting(True, "set Prometheus gauges (flywheel_*) through Ray's metrics system each step, "
                                "shown by Ray's dashboard and Grafana")
-    tensorboard: bool = setting(True, "write TensorBoard event files of every step figure to output_dir/tensorboard")
+    tensorboard: bool = setting(True, "write TensorBoard event files of every step figure to output_dir/tensorboard "
+                                "(every stage: ppo, sft, reward_model, dpo)")
 
 
 @dataclass

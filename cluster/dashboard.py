@@ -86,7 +86,8 @@ def saved_status(out_dir: Path) -> Callable[[], dict[str, Any]]:
     def status() -> dict[str, Any]:
         total = None
         try:
-            total = json.loads((out_dir / "config.json").read_text())["run"]["steps"]
+            run = json.loads((out_dir / "config.json").read_text())["run"]
+            total = run["steps"] if run.get("stage", "ppo") == "ppo" else None  # run.steps counts PPO steps only
         except (OSError, ValueError, KeyError, TypeError):
             pass
         finished = (out_dir / "summary.json").is_file()

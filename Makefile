@@ -12,7 +12,7 @@ DEMO_CONFIG ?= configs/local_tiny_ppo.yaml
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup browser demo test clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The dashboard's browser test drives Debian's chromium (Playwright's own browser download cannot work offline).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver \
+	    || echo "flywheel: apt-get could not install chromium; the dashboard's browser test will skip"; \
+	  else echo "flywheel: no chromium; the dashboard's browser test will skip. Install it with:" \
+	            "sudo apt-get install -y chromium chromium-driver"; fi; }
+
 demo: setup
 	$(PY) -m cluster.launch --config $(DEMO_CONFIG) --output-dir $(DEMO_DIR)
 
-test: setup
+test: setup browser
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 

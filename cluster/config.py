@@ -156,6 +156,21 @@ class RayConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """How a PPO run can be watched while it runs (README, "Dashboard")."""
+
+    dashboard: bool = setting(True, "serve a live web page of the run's figures; its address is logged at start "
+                              "as `dashboard: http://HOST:PORT/`")
+    dashboard_host: str = setting("127.0.0.1", "address the dashboard binds: loopback by default; 0.0.0.0 "
+                                  "exposes it on every interface (it has no authentication)")
+    dashboard_port: int = setting(0, "port of the dashboard; 0 picks a free one", min=0, max=65535)
+    prometheus: bool = setting(True, "set Prometheus gauges (flywheel_*) through Ray's metrics system each step, "
+                               "shown by Ray's dashboard and Grafana")
+    tensorboard: bool = setting(True, "write TensorBoard event files of every step figure to output_dir/tensorboard "
+                                "(every stage: ppo, sft, reward_model, dpo)")
+
+
+@dataclass
 class FlywheelConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,6 +180,7 @@ class FlywheelConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

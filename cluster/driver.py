@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from cluster.config import FlywheelConfig, advisories
+from cluster.dashboard import live_dashboard
 from cluster.data import PromptStream, load_prompt_sets
+from cluster.exporters import step_sinks
 from cluster.metrics import MetricsWriter
 from flywheel.records import ExperienceStats, PromptBatch, ScoredRollout, TrainStats
 from flywheel.seeds import sample_seeds
@@ -239,19 +241,28 @@ def step_record(step: int, scored: ScoredRollout, exp: ExperienceStats, train: T
     record: dict[str, Any] = {
         "step": step,
         "policy_version": rollout.policy_version,
+        # Policy versions the rollouts lag behind the learner (which is at version `step` when they start).
+        "staleness": step - rollout.policy_version,
         "rollout_tokens": rollout.num_tokens,
         "rollout_tokens_per_s": rollout.num_tokens / max(gen_s, 1e-9),
+        "actor_tokens_per_s": rollout.actor_tokens_per_s,
+        "rollout_samples": len(rollout.completions),
+        "rollout_samples_per_s": len(rollout.completions) / max(gen_s, 1e-9),
         "gen_s": gen_s,
         "score_s": scored.score_s,
+        "score_std": float(np.std(scored.scores)),
+        "score_failed_attempts": scored.failed_attempts,
         "sync_s": sync_s,
         "stop_fraction": float(np.mean([r == "stop" for r in rollout.finish_reasons])),
         **asdict(exp),
         **asdict(train),
     }
-    # The learner's share of the step: making experience plus the update.
+    # The learner's share of the step: making experience plus the update (update_s alone).
+    record["update_s"] = train.train_s
     record["train_s"] = train.train_s + exp.make_experience_s
     if gold is not None:
         record["gold_reward_mean"] = float(gold.mean())
+        record["gold_reward_std"] = float(gold.std())
     return record
 
 
@@ -273,10 +284,11 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     prompts, eval_prompts = load_prompt_sets(cfg, tokenizer, out_dir / "data")
     synthetic = cfg.data.prompts_path is None  # a gold reward exists only for the embedded tasks' prompts
     task = get_task(cfg.data.task)
-    metrics = MetricsWriter(out_dir / "metrics.jsonl")
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", cfg.run.steps, sinks=step_sinks(cfg.monitor, out_dir))
     summary: dict[str, Any] = {"model_path": model_path, "steps": cfg.run.steps, "dtype": precision.dtype,
                                "dtype_reason": precision.reason, "machine": machine}
-    with Services(cfg, model_path, precision.dtype, out_dir) as services:
+    with (live_dashboard(cfg.monitor, out_dir, metrics.progress),
+          Services(cfg, model_path, precision.dtype, out_dir) as services):
         summary["startup_s"] = time.perf_counter() - t_start
         summary["before"] = evaluate_gold(services, eval_prompts, cfg, out_dir / "eval_before.jsonl")
         log.info("before training: %s", summary["before"])

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON line per step in `metrics.jsonl`, and a console line.
+"""Per-step metrics: one JSON line per step in `metrics.jsonl`, a console line, and the
+same record handed to each sink (Prometheus, TensorBoard: `cluster/exporters.py`).
 
 `python -m cluster.metrics RUN_DIR` prints the median, min and max of the step
 timings and sync checks of a finished run and writes RUN_DIR/metrics_summary.json.
@@ -13,7 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 log = logging.getLogger("flywheel.metrics")
 
@@ -33,16 +34,27 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+class Sink(Protocol):
+    """Somewhere else each step's record goes."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MetricsWriter:
     """Appends one JSON line per step and logs a console line: the step out of the total, the key
-    figures, and the time left at the mean pace of the steps so far."""
+    figures, and the time left at the mean pace of the steps so far.  Each sink gets the record
+    too; a sink that fails is reported once and dropped, never stopping the run."""
 
-    def __init__(self, path: Path, total_steps: int | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: Path, total_steps: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 sinks: list[Sink] | None = None):
         self.path = path
         self.total_steps = total_steps
         self._clock = clock
         self._started = clock()
         self._logged = 0
+        self._sinks = list(sinks or [])
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", buffering=1)  # line-buffered: a crash keeps every finished step
 
@@ -55,6 +67,22 @@ class MetricsWriter:
         self._file.write(json.dumps(clean) + "\n")
         self._logged += 1
         log.info("%s", self.console_line(record))
+        self._to_sinks("log", clean)
+
+    def _to_sinks(self, method: str, *args: Any) -> None:
+        for sink in list(self._sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:  # monitoring must never stop training
+                log.warning("metrics: %s failed (%s: %s); it gets no more records", type(sink).__name__,
+                            type(exc).__name__, exc)
+                self._sinks.remove(sink)
+
+    def progress(self) -> dict[str, Any]:
+        """Steps logged since expect(), of the total, the mean seconds per step and the time left."""
+        pace = (self._clock() - self._started) / self._logged if self._logged else None
+        left = None if pace is None or self.total_steps is None else max(self.total_steps - self._logged, 0) * pace
+        return {"steps_done": self._logged, "total_steps": self.total_steps, "s_per_step": pace, "left_s": left}
 
     def console_line(self, record: dict[str, Any]) -> str:
         """"step 12/60 kl=0.01 ... | 1.2 s/step, 58 s left" (the total and time left when known)."""
@@ -72,6 +100,7 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+        self._to_sinks("close")
 
 
 def _is_number(value: Any) -> bool:

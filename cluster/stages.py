@@ -29,6 +29,7 @@ import numpy as np
 
 from cluster.config import FlywheelConfig
 from cluster.driver import describe_machine, resolve_model, start_ray
+from cluster.exporters import TensorBoardSink
 from cluster.metrics import MetricsWriter
 from flywheel import data_formats, synthetic_task
 from flywheel.tasks import get_task
@@ -272,7 +273,8 @@ def run_stage(cfg: FlywheelConfig) -> dict[str, Any]:
     kwargs["schedule"] = _schedule(getattr(cfg, cfg.run.stage), len(data[0]))
     summary: dict[str, Any] = {"stage": cfg.run.stage, "start_from": start_from, "dtype": precision.dtype,
                                "machine": machine}
-    metrics = MetricsWriter(out_dir / "metrics.jsonl")
+    tensorboard = [TensorBoardSink(out_dir / "tensorboard")] if cfg.monitor.tensorboard else []
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", sinks=tensorboard)
     with ExitStack() as stack:
         start_ray(cfg, stack)
         group = StageGroup(cfg, worker_cls, start_from, precision.dtype, **kwargs)

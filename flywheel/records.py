@@ -62,6 +62,7 @@ class Rollout:
     policy_version: int  # version of the weights that generated every sequence
     gen_s: float  # wall time of the generate call in the actor
     actor_rank: int = 0  # which rollout actor produced it
+    actor_tokens_per_s: list[float] = field(default_factory=list)  # (A,) per contributing actor, set by concat
 
     @property
     def num_tokens(self) -> int:
@@ -83,6 +84,8 @@ class Rollout:
             policy_version=parts[0].policy_version,
             gen_s=max(p.gen_s for p in parts),
             actor_rank=-1,
+            # Each actor's own pace (its tokens over its own generate time), in the order given.
+            actor_tokens_per_s=[p.num_tokens / max(p.gen_s, 1e-9) for p in parts],
         )
 
 
@@ -93,6 +96,7 @@ class ScoredRollout:
     rollout: Rollout
     scores: np.ndarray  # (B,) float32 reward-service scores
     score_s: float = 0.0  # wall time of the scoring call
+    failed_attempts: int = 0  # HTTP attempts that failed (connection error, timeout, 5xx) and were retried
 
 
 @dataclass

@@ -55,6 +55,9 @@ class RewardClient:
         self.batch_size = int(batch_size)
         self.connect_timeout_s = float(connect_timeout_s)
         self.backoff_s = float(backoff_s)
+        # Attempts that failed (no connection, no answer in time, HTTP 5xx) since the client was made,
+        # whether a retry then succeeded or not: the reward service's error count on the dashboard.
+        self.failed_attempts = 0
         self._http: httpx.Client | None = None
 
     # -- plumbing ---------------------------------------------------------
@@ -130,6 +133,7 @@ class RewardClient:
                         f"{resp.status_code}: {_short(resp.text)}"
                     )
                 what, answered = f"HTTP {resp.status_code}: {_short(resp.text)}", True
+            self.failed_attempts += 1
             what = f"{what}; attempt {attempt + 1} of {self.retries + 1}"
             if attempt < self.retries:
                 time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
@@ -162,9 +166,10 @@ class RewardClient:
 
     def score_rollout(self, rollout: Rollout) -> ScoredRollout:
         """Scores of a rollout's (prompt, completion) pairs, with the wall time taken."""
-        start = time.perf_counter()
+        start, failed_before = time.perf_counter(), self.failed_attempts
         scores = self.score(rollout.prompts, rollout.completions)
-        return ScoredRollout(rollout=rollout, scores=scores, score_s=time.perf_counter() - start)
+        return ScoredRollout(rollout=rollout, scores=scores, score_s=time.perf_counter() - start,
+                             failed_attempts=self.failed_attempts - failed_before)
 
     def health(self, timeout_s: float = 5.0) -> dict:
         """The /health answer, e.g. {"status": "ok", "scorer": "rule:length"}."""

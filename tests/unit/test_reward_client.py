@@ -124,12 +124,27 @@ def test_5xx_is_retried_then_succeeds():
     np.testing.assert_array_equal(scores, [3.0])
 
 
+def test_retried_attempts_are_counted_per_scoring_call():
+    """The dashboard's reward-service error count: one 503 then success is one failed attempt."""
+    from flywheel.records import Rollout
+
+    rollout = Rollout(prompts=["p", "q"], prompt_ids=[], completions=["ab", "abc"], completion_ids=[], logprobs=[],
+                      finish_reasons=[], policy_version=0, gen_s=0.0)
+    with FakeService(statuses=[503], error_text="busy") as fake:
+        client = RewardClient(fake.url, retries=1, backoff_s=0.05)
+        first = client.score_rollout(rollout)
+        second = client.score_rollout(rollout)
+    assert (first.failed_attempts, second.failed_attempts, client.failed_attempts) == (1, 0, 1)
+    np.testing.assert_array_equal(second.scores, [2.0, 3.0])
+
+
 def test_5xx_after_all_retries_raises_with_server_text():
     with FakeService(statuses=[500, 500, 500], error_text="scorer exploded") as fake:
         client = RewardClient(fake.url, retries=2, backoff_s=0.01, timeout_s=5.0)
         with pytest.raises(RewardServiceError, match="scorer exploded") as info:
             client.score(["p"], ["c"])
     assert len(fake.batches) == 3
+    assert client.failed_attempts == 3
     assert "python -m reward_service" in str(info.value)
 
 

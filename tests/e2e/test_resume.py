@@ -1,0 +1,130 @@
+"""End-to-end: checkpoints and exact resume through the real entry point and the real stack.
+
+A run of 6 steps straight against a run of 3 steps that stops, leaves behind what a
+killed run leaves (a metrics line of a step after its checkpoint, a half-written
+checkpoint folder), and is resumed to 6: steps 4-6 must log the same figures and
+end with the same weights. In float32, so no bf16 kernel noise can hide a
+difference. And a learner rank killed mid-run: the launcher stops everything,
+exits non-zero with the command that resumes, and that command works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from tests.e2e.test_launch import CONFIG, REPO, _assert_no_leftovers, _launch, _processes_with_marker, _shm_files
+
+SMALL = ["run.eval_prompts=8", "data.train_prompts=64", "data.prompts_per_step=8", "rollout.samples_per_prompt=2",
+         "rollout.max_new_tokens=8", "learner.minibatch_size=8", "model.dtype=float32"]
+# Wall-clock figures: they differ between any two runs. Every other key must be equal.
+TIMING_KEYS = {"gen_s", "score_s", "sync_s", "train_s", "make_experience_s", "rollout_tokens_per_s"}
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(1200)
+def test_stopped_and_resumed_run_equals_a_straight_run(tmp_path):
+    marker = uuid.uuid4().hex
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    args = ["--config", str(CONFIG), *SMALL, "run.checkpoint_every=3"]
+
+    result = _launch([*args, "--output-dir", str(straight), "run.steps=6"], timeout_s=600, marker=marker)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+
+    result = _launch([*args, "--output-dir", str(stopped), "run.steps=3"], timeout_s=600, marker=marker)
+    assert result.returncode == 0, result.stderr[-5000:]
+    # What a run killed during step 4 leaves: step 4's metrics line, a half-written checkpoint.
+    with open(stopped / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**_records(straight)[3], "reward_mean": -1.0}) + "\n")
+    partial = stopped / "checkpoints" / "step_000004.tmp"
+    (partial / "policy").mkdir(parents=True)
+    (partial / "learner_rank0.pt").write_bytes(b"cut off")
+
+    result = _launch(["--config", str(CONFIG), *SMALL, "run.checkpoint_every=3", "--resume", str(stopped),
+                      "run.steps=6"], timeout_s=600, marker=marker)
+    assert result.returncode == 0, result.stderr[-5000:]
+    _assert_no_leftovers(marker)
+    assert not partial.exists()
+
+    a, b = _records(straight), _records(stopped)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]  # each step once: the killed run's step-4 line is gone
+    for ra, rb in zip(a[3:], b[3:]):
+        assert set(ra) == set(rb)
+        differ = {k: (ra[k], rb[k]) for k in ra if k not in TIMING_KEYS and ra[k] != rb[k]}
+        assert not differ, f"step {ra['step']}: {differ}"
+
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, stopped))
+    assert sb["before"] == sa["before"]  # the original evaluation, kept in the checkpoint
+    assert sb["after"] == sa["after"]
+    assert sb["resumed_from"].endswith("step_000003")
+    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, stopped))
+    assert wa.keys() == wb.keys()
+    differ = [name for name in wa if not (wa[name] == wb[name]).all()]
+    assert not differ, f"final weights differ in {differ[:5]}"
+
+
+def _learner_ranks(marker: str) -> list[int]:
+    """Pids of the run's learner rank actors (Ray titles a worker process after its actor class)."""
+    return [int(line.split(":")[0]) for line in _processes_with_marker(marker) if "LearnerWorker" in line]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before writing {path}: {proc.stderr.read()[-4000:]}"
+        assert time.monotonic() < deadline, f"{path} not written within {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(1200)
+def test_a_dead_learner_rank_stops_the_run_with_the_resume_command(tmp_path):
+    """Two ranks at ZeRO-3; one is killed after the checkpoint of step 2."""
+    marker = uuid.uuid4().hex
+    out = tmp_path / "run"
+    shm_before = _shm_files()
+    overrides = [*SMALL, "run.steps=4", "run.checkpoint_every=1", "learner.world_size=2", "learner.zero_stage=3"]
+    env = {**os.environ, "FLYWHEEL_TEST_MARKER": marker, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.launch", "--config", str(CONFIG), "--output-dir", str(out),
+                             *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "checkpoints" / "step_000002" / "manifest.json", proc, timeout_s=600)
+        ranks = _learner_ranks(marker)
+        assert len(ranks) == 2, _processes_with_marker(marker)
+        os.kill(ranks[1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr[-4000:]
+    assert "an actor died" in stderr and "Every process of the run was stopped" in stderr, stderr[-4000:]
+    _assert_no_leftovers(marker, shm_before, grace_s=60)
+
+    match = re.search(r"continue the run with:\n\s+(python -m cluster\.launch .*)", stderr)
+    assert match, stderr[-4000:]
+    command = shlex.split(match.group(1))
+    assert command[command.index("--resume") + 1] == str(out) and command[-1] == "run.steps=4"
+    last = json.loads(sorted((out / "checkpoints").glob("step_*/manifest.json"))[-1].read_text())["step"]
+    assert last >= 2
+
+    # The printed command, as a user would paste it, continues the run to step 4.
+    result = _launch(command[3:], timeout_s=600, marker=marker)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert [r["step"] for r in _records(out)] == [0, 1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith(f"step_{last:06d}")
+    _assert_no_leftovers(marker, shm_before)

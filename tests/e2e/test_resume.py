@@ -1,9 +1,9 @@
 """End-to-end: checkpoints and exact resume through the real entry point and the real stack.
 
-A run of 6 steps straight against a run of 3 steps that stops, leaves behind what a
-killed run leaves (a metrics line of a step after its checkpoint, a half-written
-checkpoint folder), and is resumed to 6: steps 4-6 must log the same figures and
-end with the same weights. In float32, so no bf16 kernel noise can hide a
+A run of 6 steps straight against a run of 6 whose launcher is SIGKILLed in step 5,
+after its checkpoint of step 3, and then resumed (with a half-written checkpoint
+folder added, as a kill while writing one leaves): steps 4-6 must log the same
+figures and end with the same weights. In float32, so no bf16 kernel noise can hide a
 difference. And a learner rank killed mid-run: the launcher stops everything,
 exits non-zero with the command that resumes, and that command works.
 """
@@ -36,59 +36,92 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.timeout(1200)
-def test_stopped_and_resumed_run_equals_a_straight_run(tmp_path):
-    marker = uuid.uuid4().hex
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    args = ["--config", str(CONFIG), *SMALL, "run.checkpoint_every=3"]
+def _lines_logged(out: Path) -> int:
+    """Whole lines in a running run's metrics.jsonl (the last one may be half-written)."""
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
 
-    result = _launch([*args, "--output-dir", str(straight), "run.steps=6"], timeout_s=600, marker=marker)
+
+@pytest.mark.timeout(1200)
+def test_killed_and_resumed_run_equals_a_straight_run(tmp_path):
+    """6 steps straight; 6 steps with the launcher SIGKILLed in step 5 (after the checkpoint of
+    step 3 and step 4's metrics line), then resumed: steps 4-6 and the final weights are equal."""
+    marker = uuid.uuid4().hex
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ["--config", str(CONFIG), *SMALL, "run.checkpoint_every=3", "run.steps=6"]
+
+    result = _launch([*args, "--output-dir", str(straight)], timeout_s=600, marker=marker)
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
 
-    result = _launch([*args, "--output-dir", str(stopped), "run.steps=3"], timeout_s=600, marker=marker)
-    assert result.returncode == 0, result.stderr[-5000:]
-    # What a run killed during step 4 leaves: step 4's metrics line, a half-written checkpoint.
-    with open(stopped / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({**_records(straight)[3], "reward_mean": -1.0}) + "\n")
-    partial = stopped / "checkpoints" / "step_000004.tmp"
+    shm_before = _shm_files()
+    proc = _start([*args, "--output-dir", str(killed)], marker)
+    try:
+        _wait_until(lambda: _lines_logged(killed) >= 4, proc, "step 4's metrics line", timeout_s=600)
+        proc.kill()  # SIGKILL: no handler runs, nothing is stopped or cleaned up by the launcher
+        proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert not (killed / "summary.json").exists()
+    # Ray's processes share the launcher's fate and the reward service watches its parent;
+    # only DeepSpeed's shared memory stays behind a SIGKILL (the README says so).
+    _assert_no_leftovers(marker, grace_s=60)
+    for name in _shm_files() - shm_before:
+        if name.startswith("deepspeed_allreduce_buffer_"):
+            os.remove(f"/dev/shm/{name}")
+    # What a kill while writing a checkpoint leaves: a half-written folder, to be ignored.
+    partial = killed / "checkpoints" / "step_000006.tmp"
     (partial / "policy").mkdir(parents=True)
     (partial / "learner_rank0.pt").write_bytes(b"cut off")
+    assert [p.name for p in (killed / "checkpoints").glob("step_??????")] == ["step_000003"]
+    logged_after_checkpoint = [r["step"] for r in _records(killed)][3:]
+    assert logged_after_checkpoint, "the kill came before any step after the checkpoint was logged"
 
-    result = _launch(["--config", str(CONFIG), *SMALL, "run.checkpoint_every=3", "--resume", str(stopped),
-                      "run.steps=6"], timeout_s=600, marker=marker)
+    result = _launch([*args, "--output-dir", str(killed), "--resume", str(killed)], timeout_s=600, marker=marker)
     assert result.returncode == 0, result.stderr[-5000:]
     _assert_no_leftovers(marker)
     assert not partial.exists()
 
-    a, b = _records(straight), _records(stopped)
-    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]  # each step once: the killed run's step-4 line is gone
+    a, b = _records(straight), _records(killed)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]  # each step once: the killed run's later lines are gone
     for ra, rb in zip(a[3:], b[3:]):
         assert set(ra) == set(rb)
         differ = {k: (ra[k], rb[k]) for k in ra if k not in TIMING_KEYS and ra[k] != rb[k]}
         assert not differ, f"step {ra['step']}: {differ}"
 
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, stopped))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
     assert sb["before"] == sa["before"]  # the original evaluation, kept in the checkpoint
     assert sb["after"] == sa["after"]
     assert sb["resumed_from"].endswith("step_000003")
-    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, stopped))
+    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, killed))
     assert wa.keys() == wb.keys()
     differ = [name for name in wa if not (wa[name] == wb[name]).all()]
     assert not differ, f"final weights differ in {differ[:5]}"
 
 
+def _start(args: list[str], marker: str) -> subprocess.Popen:
+    env = {**os.environ, "FLYWHEEL_TEST_MARKER": marker, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "cluster.launch", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate(timeout=60)
+
+
+def _wait_until(condition, proc: subprocess.Popen, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
 def _learner_ranks(marker: str) -> list[int]:
     """Pids of the run's learner rank actors (Ray titles a worker process after its actor class)."""
     return [int(line.split(":")[0]) for line in _processes_with_marker(marker) if "LearnerWorker" in line]
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before writing {path}: {proc.stderr.read()[-4000:]}"
-        assert time.monotonic() < deadline, f"{path} not written within {timeout_s:.0f} s"
-        time.sleep(0.2)
 
 
 @pytest.mark.timeout(1200)
@@ -98,19 +131,16 @@ def test_a_dead_learner_rank_stops_the_run_with_the_resume_command(tmp_path):
     out = tmp_path / "run"
     shm_before = _shm_files()
     overrides = [*SMALL, "run.steps=4", "run.checkpoint_every=1", "learner.world_size=2", "learner.zero_stage=3"]
-    env = {**os.environ, "FLYWHEEL_TEST_MARKER": marker, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.launch", "--config", str(CONFIG), "--output-dir", str(out),
-                             *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *overrides], marker)
     try:
-        _wait_for(out / "checkpoints" / "step_000002" / "manifest.json", proc, timeout_s=600)
+        _wait_until((out / "checkpoints" / "step_000002" / "manifest.json").exists, proc, "checkpoint 2",
+                    timeout_s=600)
         ranks = _learner_ranks(marker)
         assert len(ranks) == 2, _processes_with_marker(marker)
         os.kill(ranks[1], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=60)
+        _stop(proc)
     assert proc.returncode == 1, stderr[-4000:]
     assert "an actor died" in stderr and "Every process of the run was stopped" in stderr, stderr[-4000:]
     _assert_no_leftovers(marker, shm_before, grace_s=60)

@@ -10,7 +10,9 @@ runs the PPO loop, which reads top to bottom as the design's data flow:
     metrics.log(...)
 
 `Services` owns every process the run starts and stops them all on the way out,
-on success or failure.
+on success or failure. Every `run.checkpoint_every` steps the learner ranks and
+the driver write a checkpoint (`cluster/checkpoints.py`); `run.resume` restores
+the latest one before the first step.
 """
 
 from __future__ import annotations
@@ -257,7 +259,21 @@ def step_record(step: int, scored: ScoredRollout, exp: ExperienceStats, train: T
 
 
 def run(cfg: FlywheelConfig) -> dict[str, Any]:
-    """Run the configured PPO steps; returns the summary also written to summary.json."""
+    """Run the configured PPO steps; returns the summary also written to summary.json.
+
+    A learner rank or rollout actor that dies stops the run: every process is stopped on the
+    way out, and the error names the last complete checkpoint to resume from.
+    """
+    from cluster.groups import RemoteCallError
+
+    try:
+        return _run(cfg)
+    except RemoteCallError as exc:
+        raise RunError(f"{exc}. Every process of the run was stopped; "
+                       f"{checkpoints.describe_latest(cfg.run.output_dir)}") from None
+
+
+def _run(cfg: FlywheelConfig) -> dict[str, Any]:
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume = checkpoints.load(cfg.run.resume, cfg) if cfg.run.resume else None  # fails before anything starts
@@ -275,40 +291,24 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts, eval_prompts = load_prompt_sets(cfg, tokenizer, out_dir / "data")
+    synthetic = cfg.data.prompts_path is None  # a gold reward exists only for the embedded tasks' prompts
+    task = get_task(cfg.data.task)
     if resume:
         checkpoints.truncate_metrics(out_dir / "metrics.jsonl", resume.driver.step)
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     summary: dict[str, Any] = {"model_path": model_path, "steps": cfg.run.steps, "dtype": precision.dtype,
                                "dtype_reason": precision.reason, "machine": machine}
-    from cluster.groups import RemoteCallError
-
-    try:
-        with Services(cfg, model_path, precision.dtype, out_dir) as services:
-            summary["startup_s"] = time.perf_counter() - t_start
-            if resume is None:
-                first, probe = 0, None
-                summary["before"] = evaluate_gold(services, eval_prompts, cfg, out_dir / "eval_before.jsonl")
-                log.info("before training: %s", summary["before"])
-            else:  # the "before" evaluation is the original run's, kept in the checkpoint
-                first, probe = restore(services, prompts, resume, cfg, precision.dtype)
-                summary.update(before=resume.driver.before, resumed_from=str(resume.path))
-            train_steps(services, cfg, prompts, metrics, first, probe, summary["before"], precision.dtype)
-            finish(services, cfg, eval_prompts, summary, out_dir)
-    except RemoteCallError as exc:  # a learner rank or actor died: every process is stopped by now
-        raise RunError(f"{exc}. Every process of the run was stopped; {checkpoints.describe_latest(out_dir)}") from None
-    metrics.close()
-    summary["total_s"] = time.perf_counter() - t_start
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def train_steps(services: Services, cfg: FlywheelConfig, prompts: PromptStream, metrics: MetricsWriter,
-                first: int, probe: "SyncProbe | None", before: dict[str, float], dtype: str) -> None:
-    """Steps first .. run.steps - 1 of the PPO loop, with a checkpoint whenever one is due."""
-    task = get_task(cfg.data.task)
-    synthetic = cfg.data.prompts_path is None  # a gold reward exists only for the embedded tasks' prompts
-    metrics.expect(cfg.run.steps)
-    for step in range(first, cfg.run.steps):
+    with Services(cfg, model_path, precision.dtype, out_dir) as services:
+        summary["startup_s"] = time.perf_counter() - t_start
+        if resume is None:
+            first, probe = 0, None
+            summary["before"] = evaluate_gold(services, eval_prompts, cfg, out_dir / "eval_before.jsonl")
+            log.info("before training: %s", summary["before"])
+        else:  # the "before" evaluation is the original run's, kept in the checkpoint
+            first, probe = restore(services, prompts, resume, cfg, precision.dtype)
+            summary.update(before=resume.driver.before, resumed_from=str(resume.path))
+        metrics.expect(cfg.run.steps)
+        for step in range(first, cfg.run.steps):
             batch = with_seeds(prompts.next_batch(), cfg, step)
             t0 = time.perf_counter()
             rollout = services.rollouts.generate(batch)
@@ -320,31 +320,30 @@ def train_steps(services: Services, cfg: FlywheelConfig, prompts: PromptStream, 
             train_stats = services.learner.train()
             if probe is None and cfg.run.check_sync:
                 probe = SyncProbe(rollout.prompt_ids[0], rollout.completion_ids[0], cfg.model.max_model_len,
-                                  sync_tolerance(cfg, dtype))
-            probe_before = probe.before(services) if probe else None
+                                  sync_tolerance(cfg, precision.dtype))
+            before = probe.before(services) if probe else None
             sync_s = services.sync.push(version=step + 1)
             record = step_record(step, scored, exp_stats, train_stats, sync_s, gen_s, gold)
             if probe:
-                record.update(probe.after(services, probe_before))
+                record.update(probe.after(services, before))
             metrics.log(record)
             if checkpoints.is_due(step + 1, cfg):
-                save_checkpoint(services, cfg, step + 1, prompts, before, probe)
-
-
-def finish(services: Services, cfg: FlywheelConfig, eval_prompts: PromptStream | None, summary: dict[str, Any],
-           out_dir: Path) -> None:
-    """The evaluation after training and the final policy in Hugging Face format."""
-    if not cfg.run.steps:  # an evaluation only: the policy is the one just scored, and nothing to save
-        summary["after"] = summary["before"]
-    else:
-        summary["after"] = evaluate_gold(services, eval_prompts, cfg, out_dir / "eval_after.jsonl")
-        log.info("after training: %s", summary["after"])
-    if cfg.run.save_final and cfg.run.steps:
-        summary["final_checkpoint"] = services.learner.save_hf(str((out_dir / "final").resolve()))
+                save_checkpoint(services, cfg, step + 1, prompts, summary["before"], probe)
+        if not cfg.run.steps:  # an evaluation only: the policy is the one just scored, and nothing to save
+            summary["after"] = summary["before"]
+        else:
+            summary["after"] = evaluate_gold(services, eval_prompts, cfg, out_dir / "eval_after.jsonl")
+            log.info("after training: %s", summary["after"])
+        if cfg.run.save_final and cfg.run.steps:
+            summary["final_checkpoint"] = services.learner.save_hf(str((out_dir / "final").resolve()))
+    metrics.close()
+    summary["total_s"] = time.perf_counter() - t_start
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def save_checkpoint(services: Services, cfg: FlywheelConfig, steps_done: int, prompts: PromptStream,
-                    before: dict[str, float], probe: "SyncProbe | None") -> Path:
+                    before: dict[str, float], probe: SyncProbe | None) -> Path:
     """Every learner rank writes its engines and state into a .tmp folder, the driver adds its own, then it is renamed."""
     tmp = checkpoints.begin(cfg.run.output_dir, steps_done)
     holds = services.learner.save_checkpoint(str(tmp))
@@ -353,7 +352,7 @@ def save_checkpoint(services: Services, cfg: FlywheelConfig, steps_done: int, pr
 
 
 def restore(services: Services, prompts: PromptStream, resume: checkpoints.Checkpoint, cfg: FlywheelConfig,
-            dtype: str) -> tuple[int, "SyncProbe | None"]:
+            dtype: str) -> tuple[int, SyncProbe | None]:
     """Load a checkpoint into the learner ranks, the prompt stream and the driver's RNGs, and push the
     restored policy to the rollout actors (they start from the base model); the steps done and the
     run's sync probe (the same sequence as before the stop, so its figures compare)."""

@@ -185,11 +185,15 @@ def load(out_dir: str | Path, cfg: FlywheelConfig) -> Checkpoint:
 
 
 def fresh_start(out_dir: str | Path) -> None:
-    """A run from step 0: clear interrupted writes, and warn when an earlier run's checkpoints are there."""
+    """A run from step 0 clears the checkpoints of an earlier run in its directory: kept, they would
+    be pruned in the wrong order and a later --resume could continue the other run."""
     remove_partial(out_dir)
-    if complete(out_dir):
-        log.warning("%s holds checkpoints of an earlier run; this run starts from step 0 and replaces them "
-                    "as it goes (to continue that run instead, pass --resume %s)", root(out_dir), out_dir)
+    earlier = complete(out_dir)
+    if earlier:
+        log.warning("removing %d checkpoint(s) of an earlier run in %s: this run starts from step 0 (to continue "
+                    "that run instead, pass --resume %s)", len(earlier), root(out_dir), out_dir)
+    for path in earlier:
+        shutil.rmtree(path)
 
 
 def describe_latest(out_dir: str | Path) -> str:

@@ -53,6 +53,16 @@ def test_an_interrupted_write_is_ignored_then_removed(tmp_path):
     assert not (tmp_path / "checkpoints" / "step_000006.tmp").exists()
 
 
+def test_a_fresh_run_clears_an_earlier_runs_checkpoints(tmp_path):
+    cfg = _cfg(tmp_path, steps=30)
+    for step in (20, 30):
+        _write(tmp_path, cfg, step)
+    checkpoints.fresh_start(tmp_path)
+    _write(tmp_path, _cfg(tmp_path, steps=10), 10)
+    # Kept, the earlier run's step 30 would have pruned this run's step 10 and answered --resume.
+    assert [p.name for p in checkpoints.complete(tmp_path)] == ["step_000010"]
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
     with pytest.raises(ConfigError, match="has no complete checkpoint.*checkpoint_every > 0"):
         checkpoints.load(tmp_path, _cfg(tmp_path))
@@ -120,3 +130,16 @@ def test_driver_rngs_survive_json():
     expected = (np.random.random(3).tolist(), random.random())
     checkpoints.restore_driver_rngs(checkpoints.DriverState(**json.loads(json.dumps(asdict(state)))))
     assert (np.random.random(3).tolist(), random.random()) == expected
+
+
+def test_a_stopped_run_prints_its_resume_command_once_it_has_a_checkpoint(tmp_path, capsys):
+    from cluster.launch import _print_resume_command
+
+    cfg = _cfg(tmp_path, steps=6)
+    _print_resume_command(cfg, "c.yaml", ["learner.lr=1e-5"])
+    assert capsys.readouterr().err == ""  # nothing to resume from yet
+    _write(tmp_path, cfg, 3)
+    _print_resume_command(cfg, "c.yaml", ["learner.lr=1e-5"])
+    err = capsys.readouterr().err
+    assert f"after step 3, is {tmp_path}/checkpoints/step_000003" in err
+    assert err.rstrip().endswith(f"--resume {tmp_path} learner.lr=1e-5 run.steps=6")

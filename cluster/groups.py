@@ -47,9 +47,20 @@ class RemoteCallError(RuntimeError):
 
 
 def wait(refs: list, timeout_s: float, what: str) -> list:
-    """ray.get with a deadline and an error that names the call."""
+    """ray.get with a deadline and an error that names the call.
+
+    Results are checked as they arrive, so an actor that dies fails the call at once: when one
+    learner rank dies, the others wait in a collective for it until the group's own timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
     try:
-        return ray.get(refs, timeout=timeout_s)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise ray.exceptions.GetTimeoutError(what)
+            ray.get(ready)  # raises the actor's error now
+        return ray.get(refs)
     except ray.exceptions.GetTimeoutError:
         raise RemoteCallError(
             f"{what} did not finish within {timeout_s:.0f} s; raise run.step_timeout_s "
@@ -183,6 +194,17 @@ class LearnerGroup:
 
     def save_hf(self, out_dir: str) -> str:
         return self._all("save_hf", [out_dir] * len(self.ranks), what="saving the final checkpoint")[0]
+
+    def save_checkpoint(self, folder: str) -> dict[str, str]:
+        """Every rank writes its share of a checkpoint into `folder`; what it holds, for the manifest."""
+        return self._all("save_checkpoint", [folder] * len(self.ranks), what=f"writing a checkpoint to {folder}")[0]
+
+    def load_checkpoint(self, folder: str) -> int:
+        """Every rank restores its share; the step the checkpoint was written after."""
+        steps = self._all("load_checkpoint", [folder] * len(self.ranks), what=f"loading the checkpoint {folder}")
+        if len(set(steps)) != 1:
+            raise RemoteCallError(f"the learner ranks restored different steps from {folder}: {steps}")
+        return steps[0]
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Ask every rank to leave its groups and free its shared memory, then stop them all.

@@ -21,13 +21,26 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _print_resume_command(cfg, config_path: str, overrides: list[str]) -> None:
+    """After a PPO run stops early: the command that continues it from its last checkpoint, if it wrote one."""
+    from cluster import checkpoints
+
+    if cfg.run.stages or cfg.run.stage != "ppo" or checkpoints.latest(cfg.run.output_dir) is None:
+        return
+    command = checkpoints.resume_command(config_path, cfg.run.output_dir, overrides, cfg.run.steps)
+    print(f"flywheel: {checkpoints.describe_latest(cfg.run.output_dir)}; continue the run with:\n  {command}",
+          file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML run config (see configs/)")
     parser.add_argument("--describe-config", action="store_true", help="list every config key with its default and doc")
     parser.add_argument("--output-dir", help="overrides run.output_dir")
+    parser.add_argument("--resume", metavar="DIR", help="continue the PPO run in DIR from its latest checkpoint "
+                        "up to run.steps (the total); sets run.resume, and run.output_dir unless --output-dir is given")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. run.steps=3 learner.lr=1e-5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from cluster.config import ConfigError, describe, load_config
@@ -39,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config is required (e.g. --config configs/local_tiny_ppo.yaml)")
 
     overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
+    if args.output_dir or args.resume:
+        overrides.append(f"run.output_dir={args.output_dir or args.resume}")
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
@@ -53,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.run.output_dir, moved = durable_output_dir(cfg.run.output_dir)
     if moved:
         print(f"flywheel: {moved}", file=sys.stderr)
+    if cfg.run.resume is not None:
+        cfg.run.resume = cfg.run.output_dir  # the same directory (checked at load), moved alike under a job
 
     from cluster.driver import run
     from cluster.pipeline import run_pipeline
@@ -73,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("flywheel: interrupted; every started process was stopped", file=sys.stderr)
+        _print_resume_command(cfg, args.config, list(args.overrides))
         return 130
     except Exception as exc:  # the run failed: say why in one paragraph
         from cluster.driver import RunError
@@ -83,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, (RewardServiceError, RemoteCallError, RunError)):
             traceback.print_exc(file=sys.stderr)
         print(f"flywheel: run failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        _print_resume_command(cfg, args.config, list(args.overrides))
         return 1
     what = " -> ".join(cfg.run.stages) or cfg.run.stage
     print(f"flywheel: {what} done in {summary['total_s']:.0f} s; outputs in {cfg.run.output_dir}")

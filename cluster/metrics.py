@@ -53,14 +53,15 @@ class MetricsWriter:
         self.total_steps = total_steps
         self._clock = clock
         self._started = clock()
-        self._logged = 0
+        self._logged = self._done = 0
         self._sinks = list(sinks or [])
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", buffering=1)  # line-buffered: a crash keeps every finished step
 
-    def expect(self, total_steps: int) -> None:
-        """Set the number of steps the run will log (for the time left), and restart the pace clock."""
-        self.total_steps, self._started, self._logged = total_steps, self._clock(), 0
+    def expect(self, total_steps: int, done: int = 0) -> None:
+        """Set the number of steps the run will have logged at its end, `done` of them already (a resumed
+        run's), for the time left; restart the pace clock."""
+        self.total_steps, self._started, self._logged, self._done = total_steps, self._clock(), 0, done
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -81,8 +82,9 @@ class MetricsWriter:
     def progress(self) -> dict[str, Any]:
         """Steps logged since expect(), of the total, the mean seconds per step and the time left."""
         pace = (self._clock() - self._started) / self._logged if self._logged else None
-        left = None if pace is None or self.total_steps is None else max(self.total_steps - self._logged, 0) * pace
-        return {"steps_done": self._logged, "total_steps": self.total_steps, "s_per_step": pace, "left_s": left}
+        done = self._done + self._logged
+        left = None if pace is None or self.total_steps is None else max(self.total_steps - done, 0) * pace
+        return {"steps_done": done, "total_steps": self.total_steps, "s_per_step": pace, "left_s": left}
 
     def console_line(self, record: dict[str, Any]) -> str:
         """"step 12/60 kl=0.01 ... | 1.2 s/step, 58 s left" (the total and time left when known)."""

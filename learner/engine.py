@@ -178,6 +178,47 @@ def make_engine(model: torch.nn.Module, setup: LearnerSetup, lr: float, weight_d
     return engine
 
 
+def rng_states() -> dict:
+    """This process's torch (and CUDA), numpy and python RNG states, for a checkpoint."""
+    import random
+
+    import numpy as np
+
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# DeepSpeed files each engine's checkpoint under a tag folder; one checkpoint folder holds one tag.
+ENGINE_TAG = "engine"
+
+
+def save_engine(engine, folder: str) -> None:
+    """Weights and optimiser states of a DeepSpeed engine (every rank writes its ZeRO partition; collective)."""
+    engine.save_checkpoint(folder, tag=ENGINE_TAG, save_latest=False)
+
+
+def load_engine(engine, folder: str) -> None:
+    """The inverse of save_engine, into a freshly built engine (ZeRO-3 cannot load into a used one)."""
+    path, _ = engine.load_checkpoint(folder, tag=ENGINE_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint tagged {ENGINE_TAG!r} in {folder}")
+
+
 def pad_token_id(path: str) -> int:
     from transformers import AutoConfig, AutoTokenizer
 

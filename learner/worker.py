@@ -19,7 +19,9 @@ the weight-transfer group with the rollout actors and sends.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import asdict
 from typing import Iterator
 
 import numpy as np
@@ -30,7 +32,8 @@ from learner.advantages import AdvantageInputs, compute_advantages, token_level_
 from learner.config import NEEDS_CRITIC, SELF_NORMALISING, LearnerConfig
 from learner.distributed import all_gather_rows, all_reduce_mean
 from learner.engine import (
-    LearnerSetup, full_parameters, join_group, leave_group, make_engine, pad_token_id, save_hf,
+    LearnerSetup, full_parameters, join_group, leave_group, load_engine, make_engine, pad_token_id,
+    restore_rng_states, rng_states, save_engine, save_hf,
 )
 from learner.kl_control import KLController
 from learner.experience import Experience, TokenBatch, critic_forward, pad_batch, policy_forward, tokens_from_scored
@@ -61,8 +64,7 @@ class LearnerWorker:
         self.critic = (self._engine(Critic(setup.model_path, "float32"), ppo.critic_lr, mb_per_rank)
                        if ppo.advantage in NEEDS_CRITIC else None)
         self.kl = KLController(coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
-        ref_path = setup.ref_model_path or setup.model_path
-        self.ref = load_causal_lm(ref_path, setup.dtype).to(self.device).eval().requires_grad_(False)
+        self.ref = load_causal_lm(self.reference_model(), setup.dtype).to(self.device).eval().requires_grad_(False)
         self._experience: Experience | None = None
         self._sender = None
         log.info("learner rank %d ready (ZeRO-%d, %s)", setup.rank, setup.zero_stage, setup.dtype)
@@ -268,6 +270,40 @@ class LearnerWorker:
         self.policy.eval()
         logprobs, _ = policy_forward(self.policy, tokens)
         return logprobs[0].float().cpu().numpy()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, folder: str) -> dict[str, str]:
+        """Write this rank's share of a checkpoint into `folder`; all ranks call it together.
+
+        The engines hold weights and AdamW states; the rank's own file holds the step (which also
+        seeds the minibatch permutations), the KL controller and the RNG states. Returns what was
+        written, for the manifest. The reference model is frozen: its path is its whole state.
+        """
+        holds = {"policy/": "DeepSpeed engine of the policy: weights and AdamW states, one file per ZeRO partition"}
+        save_engine(self.policy, os.path.join(folder, "policy"))
+        if self.critic is not None:
+            save_engine(self.critic, os.path.join(folder, "critic"))
+            holds["critic/"] = "DeepSpeed engine of the critic: weights and AdamW states"
+        name = f"learner_rank{self.rank}.pt"
+        torch.save({"step": self.step, "kl": asdict(self.kl), "rng": rng_states()}, os.path.join(folder, name))
+        holds["learner_rank*.pt"] = "each rank's step (seeds its minibatch permutations), KL controller, RNG states"
+        return holds
+
+    def load_checkpoint(self, folder: str) -> int:
+        """Restore what save_checkpoint wrote (into freshly built engines); returns the step."""
+        load_engine(self.policy, os.path.join(folder, "policy"))
+        if self.critic is not None:
+            load_engine(self.critic, os.path.join(folder, "critic"))
+        # Our own file: it holds numpy and python RNG tuples, which weights_only loading refuses.
+        state = torch.load(os.path.join(folder, f"learner_rank{self.rank}.pt"), weights_only=False)
+        self.step = state["step"]
+        self.kl = KLController(**state["kl"])
+        restore_rng_states(state["rng"])
+        return self.step
+
+    def reference_model(self) -> str:
+        return self.setup.ref_model_path or self.setup.model_path
 
     def save_hf(self, out_dir: str) -> str | None:
         """Write the policy in Hugging Face format (rank 0 writes; all ranks gather)."""

@@ -1,0 +1,183 @@
+"""End-to-end: checkpoints and exact resume through the real entry point and the real stack.
+
+A run of 6 steps straight against a run of 6 whose launcher is SIGKILLed in step 5,
+after its checkpoint of step 3, and then resumed (with a half-written checkpoint
+folder added, as a kill while writing one leaves): steps 4-6 must log the same
+figures and end with the same weights. In float32, so no bf16 kernel noise can hide a
+difference. And a learner rank killed mid-run: the launcher stops everything,
+exits non-zero with the command that resumes, and that command works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from tests.e2e.test_launch import CONFIG, REPO, _assert_no_leftovers, _launch, _processes_with_marker, _shm_files
+
+SMALL = ["run.eval_prompts=8", "data.train_prompts=64", "data.prompts_per_step=8", "rollout.samples_per_prompt=2",
+         "rollout.max_new_tokens=8", "learner.minibatch_size=8", "model.dtype=float32"]
+# Wall-clock figures: they differ between any two runs. Every other key must be equal.
+TIMING_KEYS = {"gen_s", "score_s", "sync_s", "train_s", "make_experience_s", "rollout_tokens_per_s"}
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _lines_logged(out: Path) -> int:
+    """Whole lines in a running run's metrics.jsonl (the last one may be half-written)."""
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+@pytest.mark.timeout(1200)
+def test_killed_and_resumed_run_equals_a_straight_run(tmp_path):
+    """6 steps straight; 6 steps with the launcher SIGKILLed in step 5 (after the checkpoint of
+    step 3 and step 4's metrics line), then resumed: steps 4-6 and the final weights are equal."""
+    marker = uuid.uuid4().hex
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ["--config", str(CONFIG), *SMALL, "run.checkpoint_every=3", "run.steps=6"]
+
+    result = _launch([*args, "--output-dir", str(straight)], timeout_s=600, marker=marker)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+
+    shm_before = _shm_files()
+    killed_marker = uuid.uuid4().hex
+    proc = _start([*args, "--output-dir", str(killed)], killed_marker)
+    try:
+        _wait_until(lambda: _lines_logged(killed) >= 4, proc, "step 4's metrics line", timeout_s=600)
+        proc.kill()  # SIGKILL: no handler runs, nothing is stopped or cleaned up by the launcher
+        proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert not (killed / "summary.json").exists()
+    _assert_only_ray_agents_left(killed_marker)
+    # Only DeepSpeed's shared memory stays behind a SIGKILL for good (the README says so).
+    for name in _shm_files() - shm_before:
+        if name.startswith("deepspeed_allreduce_buffer_"):
+            os.remove(f"/dev/shm/{name}")
+    # What a kill while writing a checkpoint leaves: a half-written folder, to be ignored.
+    partial = killed / "checkpoints" / "step_000006.tmp"
+    (partial / "policy").mkdir(parents=True)
+    (partial / "learner_rank0.pt").write_bytes(b"cut off")
+    assert [p.name for p in (killed / "checkpoints").glob("step_??????")] == ["step_000003"]
+    logged_after_checkpoint = [r["step"] for r in _records(killed)][3:]
+    assert logged_after_checkpoint, "the kill came before any step after the checkpoint was logged"
+
+    result = _launch([*args, "--output-dir", str(killed), "--resume", str(killed)], timeout_s=600, marker=marker)
+    assert result.returncode == 0, result.stderr[-5000:]
+    _assert_no_leftovers(marker)
+    assert not partial.exists()
+
+    a, b = _records(straight), _records(killed)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]  # each step once: the killed run's later lines are gone
+    for ra, rb in zip(a[3:], b[3:]):
+        assert set(ra) == set(rb)
+        differ = {k: (ra[k], rb[k]) for k in ra if k not in TIMING_KEYS and ra[k] != rb[k]}
+        assert not differ, f"step {ra['step']}: {differ}"
+
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
+    assert sb["before"] == sa["before"]  # the original evaluation, kept in the checkpoint
+    assert sb["after"] == sa["after"]
+    assert sb["resumed_from"].endswith("step_000003")
+    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, killed))
+    assert wa.keys() == wb.keys()
+    differ = [name for name in wa if not (wa[name] == wb[name]).all()]
+    assert not differ, f"final weights differ in {differ[:5]}"
+
+
+# Ray's per-node agents outlive a SIGKILLed driver by a minute or two: they see the raylet die at
+# once, then try to report it to the GCS, which died too, before they exit.
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _assert_only_ray_agents_left(marker: str, grace_s: float = 30.0) -> None:
+    """Every process of a SIGKILLed run is gone (Ray's share its fate, the reward service watches
+    its parent), except Ray's agents on their way out, which are stopped here to save the wait."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = _processes_with_marker(marker)
+        others = [p for p in left if not any(agent in p for agent in RAY_AGENTS)]
+        if not others or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not others, f"processes left running after the kill: {others}"
+    for line in left:
+        try:
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _start(args: list[str], marker: str) -> subprocess.Popen:
+    env = {**os.environ, "FLYWHEEL_TEST_MARKER": marker, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "cluster.launch", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate(timeout=60)
+
+
+def _wait_until(condition, proc: subprocess.Popen, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
+def _learner_ranks(marker: str) -> list[int]:
+    """Pids of the run's learner rank actors (Ray titles a worker process after its actor class)."""
+    return [int(line.split(":")[0]) for line in _processes_with_marker(marker) if "LearnerWorker" in line]
+
+
+@pytest.mark.timeout(1200)
+def test_a_dead_learner_rank_stops_the_run_with_the_resume_command(tmp_path):
+    """Two ranks at ZeRO-3; one is killed after the checkpoint of step 2."""
+    marker = uuid.uuid4().hex
+    out = tmp_path / "run"
+    shm_before = _shm_files()
+    overrides = [*SMALL, "run.steps=4", "run.checkpoint_every=1", "learner.world_size=2", "learner.zero_stage=3"]
+    proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *overrides], marker)
+    try:
+        _wait_until((out / "checkpoints" / "step_000002" / "manifest.json").exists, proc, "checkpoint 2",
+                    timeout_s=600)
+        ranks = _learner_ranks(marker)
+        assert len(ranks) == 2, _processes_with_marker(marker)
+        os.kill(ranks[1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 1, stderr[-4000:]
+    assert "an actor died" in stderr and "Every process of the run was stopped" in stderr, stderr[-4000:]
+    _assert_no_leftovers(marker, shm_before, grace_s=60)
+
+    match = re.search(r"continue the run with:\n\s+(python -m cluster\.launch .*)", stderr)
+    assert match, stderr[-4000:]
+    command = shlex.split(match.group(1))
+    assert command[command.index("--resume") + 1] == str(out) and command[-1] == "run.steps=4"
+    last = json.loads(sorted((out / "checkpoints").glob("step_*/manifest.json"))[-1].read_text())["step"]
+    assert last >= 2
+
+    # The printed command, as a user would paste it, continues the run to step 4.
+    result = _launch(command[3:], timeout_s=600, marker=marker)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert [r["step"] for r in _records(out)] == [0, 1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith(f"step_{last:06d}")
+    _assert_no_leftovers(marker, shm_before)

@@ -7,8 +7,8 @@ Per seed, every launch is `python -m cluster.launch` (real vLLM, DeepSpeed,
 Ray and the HTTP reward service):
 
 - `configs/local_tiny_pipeline.yaml`: SFT, then the tiny reward model started
-  from the SFT policy, then PPO from the SFT policy against that judge served
-  over HTTP (KL reference: the SFT policy);
+  from the SFT policy; then its PPO stage in a second launch, from the SFT
+  policy against that judge served over HTTP (KL reference: the SFT policy);
 - `configs/local_tiny_reward_model.yaml` with `reward_model.backbone=minilm`;
 - `configs/local_tiny_dpo.yaml` from the seed's SFT policy, then two launches
   with `run.steps=0` that sample the DPO policy and the SFT policy on every
@@ -63,8 +63,9 @@ TARGETS = {
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 # Stage settings the benchmark uses on top of each config (the configs' own are for quick demos).
-SFT = ["sft.examples=2048", "sft.epochs=2"]
+SFT = ["sft.examples=2048", "sft.epochs=2", "run.stages=[sft,reward_model]"]
 RM_TINY = ["reward_model.pairs=8192", "reward_model.epochs=1", "reward_model.eval_fraction=0.05"]
+PPO = ["run.save_final=false", "run.checkpoint_every=0"]  # the pipeline config's own PPO settings
 RM_MINILM = ["reward_model.backbone=minilm", "reward_model.pairs=4096", "reward_model.epochs=2",
              "reward_model.max_length=48", "reward_model.lr=3e-4", "reward_model.eval_fraction=0.1"]
 DPO = ["dpo.pairs=4096", "dpo.epochs=2"]
@@ -129,18 +130,25 @@ def run_seed(seed: int, root: Path) -> dict[str, dict]:
     s = f"run.seed={seed}"
     figures: dict[str, dict] = {}
 
+    # The pipeline's first two stages, then its PPO stage as a launch of its own from their outputs
+    # (what the pipeline does; apart, a change to the PPO settings keeps the judge with --reuse).
     pipe = root / "pipeline"
     wall = _timed("configs/local_tiny_pipeline.yaml", pipe, [s, *SFT, *RM_TINY])
     stages = _json(pipe / "pipeline.json")["summaries"]
-    sft, rm, ppo = stages["sft"], stages["reward_model"], stages["ppo"]
+    sft, rm = stages["sft"], stages["reward_model"]
     figures["sft"] = {"value": sft["held_out_loss_after"] / sft["held_out_loss_before"],
                       "loss_before": sft["held_out_loss_before"], "loss_after": sft["held_out_loss_after"]}
     figures["rm_tiny"] = _judge_figures(rm)
-    last = read_metrics(pipe / "ppo" / "metrics.jsonl")[-1]
+    sft_model = sft["model"]
+    rl = root / "ppo"
+    wall = _timed("configs/local_tiny_pipeline.yaml", rl,
+                  [s, "run.stages=[ppo]", f"model.path={sft_model}", "reward.rule=null",
+                   f"reward.model_path={rm['model']}", *PPO])
+    ppo = _json(rl / "ppo" / "summary.json")
+    last = read_metrics(rl / "ppo" / "metrics.jsonl")[-1]
     figures["ppo"] = {"value": ppo["after"]["eval_gold_reward"] - ppo["before"]["eval_gold_reward"],
                       "gold_sft": ppo["before"]["eval_gold_reward"], "gold_ppo": ppo["after"]["eval_gold_reward"],
-                      "final_kl": last["kl"], "final_proxy_reward": last["score_mean"], "pipeline_wall_s": wall}
-    sft_model = sft["model"]
+                      "final_kl": last["kl"], "final_proxy_reward": last["score_mean"], "ppo_wall_s": wall}
 
     minilm = root / "rm_minilm"
     wall = _timed("configs/local_tiny_reward_model.yaml", minilm, [s, *RM_MINILM])

@@ -32,7 +32,7 @@ def _launch(config: str, out: Path, *overrides: str, timeout_s: float = 600) -> 
 def test_sft_then_reward_model_then_ppo(tmp_path):
     """configs/local_tiny_pipeline.yaml in one command, shrunk."""
     out = tmp_path / "pipe"
-    result = _launch("local_tiny_pipeline.yaml", out, "sft.examples=512", "sft.epochs=1", "reward_model.pairs=512",
+    result = _launch("local_tiny_pipeline.yaml", out, "sft.examples=512", "sft.epochs=2", "reward_model.pairs=512",
                      "reward_model.epochs=1", "run.steps=2", "run.eval_prompts=8", "data.prompts_per_step=8",
                      "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "run.save_final=false")
     assert result.returncode == 0, result.stderr[-4000:]

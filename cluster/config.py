@@ -99,6 +99,9 @@ class RewardConfig:
     timeout_s: float = setting(30.0, "deadline for one scoring request, retries included", gt=0)
     start_timeout_s: float = setting(120.0, "deadline for a started service to answer /health", gt=0)
     batch_size: int = setting(256, "pairs per HTTP request", min=1)
+    max_restarts: int = setting(
+        3, "times the run's own service (no url) may be started again while one step is scored, after it "
+        "exits or refuses connections; all within run.step_timeout_s", min=0)
 
 
 @dataclass

@@ -97,6 +97,7 @@ class ScoredRollout:
     scores: np.ndarray  # (B,) float32 reward-service scores
     score_s: float = 0.0  # wall time of the scoring call
     failed_attempts: int = 0  # HTTP attempts that failed (connection error, timeout, 5xx) and were retried
+    restarts: int = 0  # times the run's own reward service exited and was started again while scoring
 
 
 @dataclass

@@ -38,6 +38,7 @@ class RewardClient:
         batch_size: int = 256,
         connect_timeout_s: float = 5.0,
         backoff_s: float = 0.2,
+        max_backoff_s: float = 30.0,
     ):
         """
         url: base URL of the service, e.g. "http://127.0.0.1:8123".
@@ -46,6 +47,7 @@ class RewardClient:
         batch_size: items per HTTP request.
         connect_timeout_s: cap on establishing one connection.
         backoff_s: wait before the first retry; doubles at each further one.
+        max_backoff_s: the longest wait between two attempts.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -55,6 +57,7 @@ class RewardClient:
         self.batch_size = int(batch_size)
         self.connect_timeout_s = float(connect_timeout_s)
         self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
         # Attempts that failed (no connection, no answer in time, HTTP 5xx) since the client was made,
         # whether a retry then succeeded or not: the reward service's error count on the dashboard.
         self.failed_attempts = 0
@@ -137,7 +140,7 @@ class RewardClient:
             what = f"{what}; attempt {attempt + 1} of {self.retries + 1}"
             if attempt < self.retries:
                 time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
-                backoff *= 2
+                backoff = min(2 * backoff, self.max_backoff_s)
         raise self._unreachable(timeout_s, what, answered)
 
     # -- API --------------------------------------------------------------

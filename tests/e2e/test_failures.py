@@ -1,0 +1,65 @@
+"""End-to-end: a run survives the death of its processes, through the real entry point and stack.
+
+The run's own reward service SIGKILLed during a run is started again by the driver and the
+step's rollout scored again; a rollout actor SIGKILLed while it generates is replaced, given
+the current weights, and its share of the batch generated again with the same seeds. Every
+step is logged once with all its samples and finite scores, and no process is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.e2e.test_launch import CONFIG, _assert_no_leftovers, _processes_with_marker, _shm_files
+from tests.e2e.test_resume import SMALL, _lines_logged, _records, _start, _stop, _wait_until
+
+PROMPTS, SAMPLES = 8, 2  # data.prompts_per_step and rollout.samples_per_prompt in SMALL
+
+
+def _finish(proc, timeout_s: float) -> str:
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, stderr[-5000:]
+    return stderr
+
+
+def _assert_each_step_once_and_whole(out: Path, steps: int) -> list[dict]:
+    records = _records(out)
+    assert [r["step"] for r in records] == list(range(steps))
+    for r in records:
+        assert r["rollout_samples"] == PROMPTS * SAMPLES, r
+        assert np.isfinite(r["reward_mean"]) and np.isfinite(r["score_std"]), r
+    return records
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_reward_service_is_restarted_and_the_step_scored_again(tmp_path):
+    marker = uuid.uuid4().hex
+    out = tmp_path / "run"
+    shm_before = _shm_files()
+    proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *SMALL, "run.steps=3",
+                   "run.checkpoint_every=0", "run.save_final=false"], marker)
+    try:
+        _wait_until(lambda: _lines_logged(out) >= 1, proc, "step 1's metrics line", timeout_s=400)
+        pid = int((out / "reward_service.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+    except BaseException:
+        _stop(proc)
+        raise
+    stderr = _finish(proc, timeout_s=400)
+    assert "reward service at http://127.0.0.1:" in stderr and f"(pid {pid}) exited with code -9" in stderr, \
+        stderr[-4000:]
+    records = _assert_each_step_once_and_whole(out, 3)
+    assert records[0]["reward_service_restarts"] == 0
+    assert sum(r["reward_service_restarts"] for r in records) == 1, [r["reward_service_restarts"] for r in records]
+    assert not (out / "reward_service.pid").exists()  # removed when the run stopped the service
+    _assert_no_leftovers(marker, shm_before)

@@ -267,6 +267,7 @@ def step_record(step: int, scored: ScoredRollout, exp: ExperienceStats, train: T
         "score_failed_attempts": scored.failed_attempts,
         "reward_service_restarts": scored.restarts,
         "sync_s": sync_s,
+        "actor_restarts": rollout.actor_restarts,
         "stop_fraction": float(np.mean([r == "stop" for r in rollout.finish_reasons])),
         **asdict(exp),
         **asdict(train),

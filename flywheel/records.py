@@ -63,6 +63,7 @@ class Rollout:
     gen_s: float  # wall time of the generate call in the actor
     actor_rank: int = 0  # which rollout actor produced it
     actor_tokens_per_s: list[float] = field(default_factory=list)  # (A,) per contributing actor, set by concat
+    actor_restarts: int = 0  # rollout actors that died while generating it and were replaced (set by the driver)
 
     @property
     def num_tokens(self) -> int:

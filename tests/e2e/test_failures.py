@@ -63,3 +63,47 @@ def test_a_killed_reward_service_is_restarted_and_the_step_scored_again(tmp_path
     assert sum(r["reward_service_restarts"] for r in records) == 1, [r["reward_service_restarts"] for r in records]
     assert not (out / "reward_service.pid").exists()  # removed when the run stopped the service
     _assert_no_leftovers(marker, shm_before)
+
+
+def _wait_for(path: Path, proc, timeout_s: float) -> None:
+    _wait_until(path.exists, proc, f"{path.name}", timeout_s=timeout_s)
+
+
+@pytest.mark.timeout(600)
+def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_again(tmp_path):
+    """Two actors; actor 1 is SIGKILLed while it generates step 2 (it holds there for the kill,
+    through the test hook in actors/rollout.py). The step completes with every sample once,
+    and the new actor passes the weight-sync check: it holds the learner's weights."""
+    marker = uuid.uuid4().hex
+    out = tmp_path / "run"
+    hold = tmp_path / "hold_actor"
+    hold.write_text("1 2\n")  # actor 1, generating at policy version 2: step 2
+    shm_before = _shm_files()
+    os.environ["FLYWHEEL_TEST_HOLD_ROLLOUT"] = str(hold)
+    try:
+        proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *SMALL, "run.steps=4",
+                       "rollout.num_actors=2", "run.checkpoint_every=0", "run.save_final=false"], marker)
+    finally:
+        del os.environ["FLYWHEEL_TEST_HOLD_ROLLOUT"]
+    try:
+        pid_file = Path(f"{hold}.pid")
+        _wait_for(pid_file, proc, timeout_s=400)
+        pid = int(pid_file.read_text())
+        title = [p for p in _processes_with_marker(marker) if p.startswith(f"{pid}:")]
+        assert title and "RolloutWorker" in title[0], (pid, _processes_with_marker(marker))
+        assert _lines_logged(out) == 2  # steps 0 and 1 done, step 2 generating
+        os.kill(pid, signal.SIGKILL)
+    except BaseException:
+        _stop(proc)
+        raise
+    stderr = _finish(proc, timeout_s=400)
+    assert "rollout actor 1 died while generating" in stderr, stderr[-4000:]
+    records = _assert_each_step_once_and_whole(out, 4)
+    assert [r["actor_restarts"] for r in records] == [0, 0, 1, 0]
+    assert [r["policy_version"] for r in records] == [0, 1, 2, 3]
+    for r in records[2:]:
+        # float32: after each sync the new actor's logprobs equal the learner's (the run checks
+        # this too, and would have stopped), and the sync changed them: it received the weights.
+        assert r["sync_logprob_err"] < 0.002 and r["sync_logprob_shift"] > 2 * r["sync_logprob_err"], r
+    assert records[2]["rollout_tokens"] > 0
+    _assert_no_leftovers(marker, shm_before)

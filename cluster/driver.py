@@ -82,8 +82,6 @@ class Services:
 
     def _start_reward(self):
         """The configured service's client, or the run's own service on loopback (restarted if it dies)."""
-        from functools import partial
-
         from reward_service.client import RewardClient
         from reward_service.process import SupervisedRewardService, start_reward_server
 
@@ -96,12 +94,15 @@ class Services:
                                   retries=REMOTE_RETRIES, max_backoff_s=2.0)
             self._stack.callback(client.close)
             return client
-        start = partial(start_reward_server, rule=rc.rule, model_path=rc.model_path,
-                        log_path=str(self.out_dir / "reward_service.log"))
+
+        def start(port: int, start_timeout_s: float):
+            return start_reward_server(rule=rc.rule, model_path=rc.model_path, port=port,
+                                       start_timeout_s=start_timeout_s, log_path=str(self.out_dir / "reward_service.log"))
+
+        server = start(rc.port, rc.start_timeout_s)
         service = SupervisedRewardService(
-            lambda port, timeout_s: start(port=port, start_timeout_s=timeout_s),
-            RewardClient("http://unstarted", timeout_s=rc.timeout_s, batch_size=rc.batch_size),
-            port=rc.port, start_timeout_s=rc.start_timeout_s, deadline_s=self.cfg.run.step_timeout_s,
+            server, RewardClient(server.url, timeout_s=rc.timeout_s, batch_size=rc.batch_size), start,
+            start_timeout_s=rc.start_timeout_s, deadline_s=self.cfg.run.step_timeout_s,
             max_restarts=rc.max_restarts, pid_path=str(self.out_dir / "reward_service.pid"))
         self._stack.callback(service.stop)
         self.reward_log = Path(service.log_path)

@@ -162,8 +162,8 @@ class RolloutGroup:
         limit = self.cfg.rollout.max_restarts
         if restarts > limit:
             raise RemoteCallError(
-                f"generating rollouts failed: rollout actor {i} died ({exc.__class__.__name__}), the "
-                f"{restarts}th death in this batch, beyond rollout.max_restarts={limit}: {exc}")
+                f"generating rollouts failed: rollout actor {i} died ({exc.__class__.__name__}), death "
+                f"{restarts} in this batch, beyond rollout.max_restarts={limit}: {exc}")
         log.warning("rollout actor %d died while generating (%s); replacing it (%d of at most %d in this batch) "
                     "and generating its %d prompts again with the same seeds", i, exc.__class__.__name__, restarts,
                     limit, prompts)

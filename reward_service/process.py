@@ -187,20 +187,19 @@ def _launch(
 class SupervisedRewardService:
     """The run's own reward server and its client, kept alive while scoring.
 
-    When scoring fails because the server exited or refuses connections, the server is started
-    again by `start(port, start_timeout_s)` (on the same port, or on a free one if that is taken,
-    the client following) and the same rollout is scored again: nothing is generated twice. All
+    `server` was started by `start(port, start_timeout_s)`, and `client` speaks to it. When scoring
+    fails because the server exited or refuses connections, the server is started again the same
+    way (on the same port, or on a free one if that is taken, the client following) and the same rollout is scored again: nothing is generated twice. All
     of it must fit in `deadline_s` per rollout, with at most `max_restarts` restarts; the error
     beyond says which limit was hit. The server's pid is written to `pid_path` at each start.
     """
 
-    def __init__(self, start: Callable[[int, float], RewardServerProcess], client: RewardClient, *, port: int,
-                 start_timeout_s: float, deadline_s: float, max_restarts: int, pid_path: str | None = None):
-        self._start, self.client = start, client
+    def __init__(self, server: RewardServerProcess, client: RewardClient,
+                 start: Callable[[int, float], RewardServerProcess], *, start_timeout_s: float, deadline_s: float,
+                 max_restarts: int, pid_path: str | None = None):
+        self.server, self.client, self._start = server, client, start
         self.start_timeout_s, self.deadline_s, self.max_restarts = start_timeout_s, deadline_s, max_restarts
         self.pid_path = pid_path
-        self.server = start(port, start_timeout_s)
-        client.url = self.server.url
         self._write_pid()
 
     @property

@@ -225,13 +225,14 @@ def _rollout(prompts: list[str], completions: list[str]):
 
 
 def _supervised(tmp_path, max_restarts: int):
-    from functools import partial
-
     from reward_service.process import SupervisedRewardService
 
-    start = partial(start_reward_server, rule="length", log_path=str(tmp_path / "reward.log"))
-    return SupervisedRewardService(lambda port, t: start(port=port, start_timeout_s=t),
-                                   RewardClient("http://unstarted", timeout_s=10.0), port=0, start_timeout_s=60.0,
+    def start(port: int, start_timeout_s: float):
+        return start_reward_server(rule="length", port=port, start_timeout_s=start_timeout_s,
+                                   log_path=str(tmp_path / "reward.log"))
+
+    server = start(0, 60.0)
+    return SupervisedRewardService(server, RewardClient(server.url, timeout_s=10.0), start, start_timeout_s=60.0,
                                    deadline_s=90.0, max_restarts=max_restarts, pid_path=str(tmp_path / "reward.pid"))
 
 

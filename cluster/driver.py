@@ -91,7 +91,7 @@ class Services:
             # Reachability is already known: run() checked the URL before building anything. The run
             # cannot restart a service it did not start, so the client retries up to its deadline.
             client = RewardClient(rc.url, timeout_s=rc.timeout_s, batch_size=rc.batch_size,
-                                  retries=REMOTE_RETRIES, max_backoff_s=2.0)
+                                  retries=None, max_backoff_s=2.0)
             self._stack.callback(client.close)
             return client
 
@@ -108,10 +108,6 @@ class Services:
         self.reward_log = Path(service.log_path)
         log.info("reward service (%s) started at %s", rc.rule or rc.model_path, service.url)
         return service
-
-
-# Attempts at a configured reward.url before its deadline ends them (backoff capped at 2 s).
-REMOTE_RETRIES = 1000
 
 
 def _check_reward_reachable(cfg: FlywheelConfig) -> None:

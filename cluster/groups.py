@@ -358,7 +358,8 @@ class WeightSync:
     def _leave(self, actors: list) -> None:
         refs = [self.learner.ranks[0].close_weight_transfer.remote()]
         refs += [a.close_weight_transfer.remote() for a in actors]
-        wait(refs, self.cfg.sync.timeout_s, "leaving the weight-transfer group")
+        # An actor leaves once it has finished the batch it is generating, within the step's deadline.
+        wait(refs, self.cfg.run.step_timeout_s + self.cfg.sync.timeout_s, "leaving the weight-transfer group")
 
     def push(self, version: int) -> float:
         """Send the learner's current policy to every rollout actor; returns seconds."""

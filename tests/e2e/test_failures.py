@@ -105,5 +105,9 @@ def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_aga
         # float32: after each sync the new actor's logprobs equal the learner's (the run checks
         # this too, and would have stopped), and the sync changed them: it received the weights.
         assert r["sync_logprob_err"] < 0.002 and r["sync_logprob_shift"] > 2 * r["sync_logprob_err"], r
+    for r in records:
+        # The learner scores every sample of the step, the regenerated share included, as the
+        # policy of that step: a share sampled by an engine on other weights would stand out.
+        assert r["sample_logprob_diff"] < 0.002, r
     assert records[2]["rollout_tokens"] > 0
     _assert_no_leftovers(marker, shm_before)

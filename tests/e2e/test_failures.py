@@ -8,7 +8,6 @@ step is logged once with all its samples and finite scores, and no process is le
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import uuid
@@ -65,10 +64,6 @@ def test_a_killed_reward_service_is_restarted_and_the_step_scored_again(tmp_path
     _assert_no_leftovers(marker, shm_before)
 
 
-def _wait_for(path: Path, proc, timeout_s: float) -> None:
-    _wait_until(path.exists, proc, f"{path.name}", timeout_s=timeout_s)
-
-
 @pytest.mark.timeout(600)
 def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_again(tmp_path):
     """Two actors; actor 1 is SIGKILLed while it generates step 2 (it holds there for the kill,
@@ -87,7 +82,7 @@ def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_aga
         del os.environ["FLYWHEEL_TEST_HOLD_ROLLOUT"]
     try:
         pid_file = Path(f"{hold}.pid")
-        _wait_for(pid_file, proc, timeout_s=400)
+        _wait_until(pid_file.exists, proc, "actor 1 holding in step 2", timeout_s=400)
         pid = int(pid_file.read_text())
         title = [p for p in _processes_with_marker(marker) if p.startswith(f"{pid}:")]
         assert title and "RolloutWorker" in title[0], (pid, _processes_with_marker(marker))

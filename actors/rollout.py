@@ -34,6 +34,24 @@ from flywheel.records import PromptBatch, Rollout, WeightSyncMeta
 
 FINISH_REASONS = ("stop", "length")
 
+# Test hook (tests/e2e/test_failures.py): a file at this path holding "RANK VERSION" makes that
+# actor, generating at that policy version, remove it, write its pid to PATH.pid and wait there
+# to be killed, so a test can kill a rollout actor in the middle of a step, every time.
+HOLD_FOR_KILL_ENV = "FLYWHEEL_TEST_HOLD_ROLLOUT"
+
+
+def _hold_if_asked(actor_rank: int, version: int, wait_s: float = 120.0) -> None:
+    path = os.environ.get(HOLD_FOR_KILL_ENV)
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        if f.read().split() != [str(actor_rank), str(version)]:
+            return
+    os.remove(path)  # once: the actor that replaces this one must not hold too
+    with open(path + ".pid", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(wait_s)
+
 
 class _RotaryCacheNotice(logging.Filter):
     """Drops one vLLM warning per weight update: the layerwise reload reports
@@ -140,6 +158,7 @@ class RolloutWorker:
 
         self._check_consistent()
         self._check_prompt_lengths(batch.prompt_ids, max_new_tokens)
+        _hold_if_asked(self.actor_rank, self._policy_version)
         seeds = batch.seeds
         if seeds is not None and tuple(seeds.shape) != (len(batch.prompt_ids), n):
             raise ValueError(

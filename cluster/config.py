@@ -88,6 +88,9 @@ class RolloutConfig:
     kv_cache_gib: float = setting(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
     gpu_memory_utilization: float = setting(0.4, "fraction of GPU memory per engine on cuda", gt=0, max=1)
     start_timeout_s: float = setting(300.0, "deadline for an actor's vLLM engine to start", gt=0)
+    max_restarts: int = setting(
+        2, "rollout actors that may die and be replaced while one batch is generated (each replacement gets "
+        "the current weights and generates the dead actor's share again); beyond it the run stops", min=0)
 
 
 @dataclass
@@ -99,6 +102,9 @@ class RewardConfig:
     timeout_s: float = setting(30.0, "deadline for one scoring request, retries included", gt=0)
     start_timeout_s: float = setting(120.0, "deadline for a started service to answer /health", gt=0)
     batch_size: int = setting(256, "pairs per HTTP request", min=1)
+    max_restarts: int = setting(
+        3, "times the run's own service (no url) may be started again while one step is scored, after it "
+        "exits or refuses connections; all within run.step_timeout_s", min=0)
 
 
 @dataclass

@@ -81,26 +81,33 @@ class Services:
         self.sync = WeightSync(cfg, self.learner, self.rollouts)
 
     def _start_reward(self):
-        """A client of the configured service, or of one started here on loopback."""
+        """The configured service's client, or the run's own service on loopback (restarted if it dies)."""
         from reward_service.client import RewardClient
-        from reward_service.process import start_reward_server
+        from reward_service.process import SupervisedRewardService, start_reward_server
 
         rc = self.cfg.reward
-        url = rc.url
         self.reward_log = None
-        if url is None:
-            server = start_reward_server(
-                rule=rc.rule, model_path=rc.model_path, port=rc.port, start_timeout_s=rc.start_timeout_s,
-                log_path=str(self.out_dir / "reward_service.log"),
-            )
-            self._stack.callback(server.stop)
-            url, self.reward_log = server.url, Path(server.log_path)
-            log.info("reward service (%s) started at %s", rc.rule or rc.model_path, url)
-        # Reachability is already known: run() checked a configured URL before
-        # building anything, and start_reward_server waited for /health.
-        client = RewardClient(url, timeout_s=rc.timeout_s, batch_size=rc.batch_size)
-        self._stack.callback(client.close)
-        return client
+        if rc.url is not None:
+            # Reachability is already known: run() checked the URL before building anything. The run
+            # cannot restart a service it did not start, so the client retries up to its deadline.
+            client = RewardClient(rc.url, timeout_s=rc.timeout_s, batch_size=rc.batch_size,
+                                  retries=None, max_backoff_s=2.0)
+            self._stack.callback(client.close)
+            return client
+
+        def start(port: int, start_timeout_s: float):
+            return start_reward_server(rule=rc.rule, model_path=rc.model_path, port=port,
+                                       start_timeout_s=start_timeout_s, log_path=str(self.out_dir / "reward_service.log"))
+
+        server = start(rc.port, rc.start_timeout_s)
+        service = SupervisedRewardService(
+            server, RewardClient(server.url, timeout_s=rc.timeout_s, batch_size=rc.batch_size), start,
+            start_timeout_s=rc.start_timeout_s, deadline_s=self.cfg.run.step_timeout_s,
+            max_restarts=rc.max_restarts, pid_path=str(self.out_dir / "reward_service.pid"))
+        self._stack.callback(service.stop)
+        self.reward_log = Path(service.log_path)
+        log.info("reward service (%s) started at %s", rc.rule or rc.model_path, service.url)
+        return service
 
 
 def _check_reward_reachable(cfg: FlywheelConfig) -> None:
@@ -255,7 +262,9 @@ def step_record(step: int, scored: ScoredRollout, exp: ExperienceStats, train: T
         "score_s": scored.score_s,
         "score_std": float(np.std(scored.scores)),
         "score_failed_attempts": scored.failed_attempts,
+        "reward_service_restarts": scored.restarts,
         "sync_s": sync_s,
+        "actor_restarts": rollout.actor_restarts,
         "stop_fraction": float(np.mean([r == "stop" for r in rollout.finish_reasons])),
         **asdict(exp),
         **asdict(train),

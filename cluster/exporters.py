@@ -36,6 +36,12 @@ GAUGES = {
     "policy_version": "version of the weights that generated the step's rollouts",
     "staleness": "policy versions the step's rollouts lag behind the learner (0 in synchronous mode)",
 }
+# Counters increased by the record key's value each step: {record key: (name without the prefix, description)}.
+COUNTERS = {
+    "score_failed_attempts": ("reward_service_failed_attempts", "reward-service requests that failed and were retried"),
+    "reward_service_restarts": ("reward_service_restarts", "times the run's own reward service died and was restarted"),
+    "actor_restarts": ("rollout_actor_restarts", "rollout actors that died while generating and were replaced"),
+}
 PREFIX = "flywheel_"
 
 
@@ -83,9 +89,8 @@ class PrometheusSink:
         self._actor = m.Gauge(PREFIX + "actor_rollout_tokens_per_s", "tokens per second of each rollout actor",
                               tag_keys=("run", "actor")).set_default_tags(tags)
         self._steps = m.Gauge(PREFIX + "steps_done", "PPO steps finished", tag_keys=("run",)).set_default_tags(tags)
-        self._failed = m.Counter(PREFIX + "reward_service_failed_attempts",
-                                 "reward-service requests that failed and were retried",
-                                 tag_keys=("run",)).set_default_tags(tags)
+        self._counters = {key: m.Counter(PREFIX + name, doc, tag_keys=("run",)).set_default_tags(tags)
+                          for key, (name, doc) in COUNTERS.items()}
 
     def log(self, record: dict[str, Any]) -> None:
         if not self._gauges:
@@ -101,8 +106,9 @@ class PrometheusSink:
             self._actor.set(value, tags={"actor": str(actor)})
         if isinstance(record.get("step"), int):
             self._steps.set(record["step"] + 1)
-        if record.get("score_failed_attempts"):
-            self._failed.inc(record["score_failed_attempts"])
+        for key, counter in self._counters.items():
+            if record.get(key):  # Ray's counters refuse an increase of 0
+                counter.inc(record[key])
 
     def close(self) -> None:
         pass

@@ -85,50 +85,94 @@ def _threads_env(num_threads: int | None) -> dict | None:
 
 
 class RolloutGroup:
-    """The rollout actors: fan a prompt batch out, gather one Rollout."""
+    """The rollout actors: fan a prompt batch out, gather one Rollout.
+
+    An actor that dies while generating is replaced in its bundle, brought to the current weights
+    by `weight_source` (the `WeightSync`, which re-forms its group with the new actor), and its
+    share of the batch generated again with the same seeds: the same samples, each once.
+    """
 
     def __init__(self, cfg: FlywheelConfig, model_path: str, dtype: str, pg, first_bundle: int):
+        self.cfg, self.model_path, self.dtype, self.pg, self.first_bundle = cfg, model_path, dtype, pg, first_bundle
+        self.weight_source: WeightSync | None = None
+        # Replaced in place, so that whoever holds this list (the stop-everything callback) sees the new actors.
+        self.actors = [self._new_actor(i) for i in range(cfg.rollout.num_actors)]
+        wait([a.health.remote() for a in self.actors], cfg.rollout.start_timeout_s,
+             "starting the rollout actors' vLLM engines")
+
+    def _new_actor(self, i: int):
         from actors.rollout import RolloutWorker
 
-        self.cfg = cfg
-        r = cfg.rollout
-        remote_cls = ray.remote(RolloutWorker)
-        self.actors = [
-            remote_cls.options(
-                num_cpus=r.num_cpus_per_actor,
-                num_gpus=1 if cfg.run.device == "cuda" else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i),
-                runtime_env=_threads_env(r.num_threads),
-            ).remote(
-                model_path=model_path,
-                actor_rank=i,
-                dtype=dtype,
-                max_model_len=cfg.model.max_model_len,
-                seed=cfg.run.seed + i,
-                enforce_eager=r.enforce_eager,
-                kv_cache_gib=r.kv_cache_gib,
-                gpu_memory_utilization=r.gpu_memory_utilization,
-                device=cfg.run.device,
-            )
-            for i in range(r.num_actors)
-        ]
-        wait([a.health.remote() for a in self.actors], r.start_timeout_s, "starting the rollout actors' vLLM engines")
+        r = self.cfg.rollout
+        return ray.remote(RolloutWorker).options(
+            num_cpus=r.num_cpus_per_actor,
+            num_gpus=1 if self.cfg.run.device == "cuda" else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg,
+                                                                 placement_group_bundle_index=self.first_bundle + i),
+            runtime_env=_threads_env(r.num_threads),
+        ).remote(
+            model_path=self.model_path,
+            actor_rank=i,
+            dtype=self.dtype,
+            max_model_len=self.cfg.model.max_model_len,
+            seed=self.cfg.run.seed + i,
+            enforce_eager=r.enforce_eager,
+            kv_cache_gib=r.kv_cache_gib,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            device=self.cfg.run.device,
+        )
 
     def generate(self, batch: PromptBatch) -> Rollout:
-        """Split the prompts as evenly as possible over the actors; one Rollout in prompt order."""
-        r = self.cfg.rollout
+        """Split the prompts as evenly as possible over the actors; one Rollout in prompt order.
+
+        An actor that dies is replaced and its part generated again, up to `rollout.max_restarts`
+        times per batch; the Rollout's `actor_restarts` counts the replacements.
+        """
         parts = batch.split(len(self.actors))
-        refs = [
-            actor.generate.remote(part, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                  top_k=r.top_k, n=r.samples_per_prompt)
-            for actor, part in zip(self.actors, parts)
-            if len(part)
-        ]
         t0 = time.perf_counter()
-        rollouts = wait(refs, self.cfg.run.step_timeout_s, "generating rollouts")
-        out = Rollout.concat(rollouts)
+        deadline = time.monotonic() + self.cfg.run.step_timeout_s
+        pending = {self._generate_on(i, part): i for i, part in enumerate(parts) if len(part)}
+        done: dict[int, Rollout] = {}
+        restarts = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RemoteCallError(
+                    f"generating rollouts did not finish within {self.cfg.run.step_timeout_s:.0f} s; raise "
+                    "run.step_timeout_s if the work is just slow")
+            i = pending.pop(ready[0])
+            try:
+                done[i] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                restarts += 1
+                self._replace(i, exc, restarts, len(parts[i]))
+                pending[self._generate_on(i, parts[i])] = i
+        out = Rollout.concat([done[i] for i in sorted(done)])
         out.gen_s = time.perf_counter() - t0
+        out.actor_restarts = restarts
         return out
+
+    def _generate_on(self, i: int, part: PromptBatch):
+        r = self.cfg.rollout
+        return self.actors[i].generate.remote(part, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                              top_p=r.top_p, top_k=r.top_k, n=r.samples_per_prompt)
+
+    def _replace(self, i: int, exc: Exception, restarts: int, prompts: int) -> None:
+        """A new actor i in the dead one's bundle, with the current weights."""
+        limit = self.cfg.rollout.max_restarts
+        if restarts > limit:
+            raise RemoteCallError(
+                f"generating rollouts failed: rollout actor {i} died ({exc.__class__.__name__}), death "
+                f"{restarts} in this batch, beyond rollout.max_restarts={limit}: {exc}")
+        log.warning("rollout actor %d died while generating (%s); replacing it (%d of at most %d in this batch) "
+                    "and generating its %d prompts again with the same seeds", i, exc.__class__.__name__, restarts,
+                    limit, prompts)
+        kill_actors([self.actors[i]])
+        self.actors[i] = self._new_actor(i)
+        wait([self.actors[i].health.remote()], self.cfg.rollout.start_timeout_s,
+             f"starting a vLLM engine for rollout actor {i} again")
+        if self.weight_source is not None:
+            self.weight_source.rejoin(i)
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[np.ndarray]:
         """Each actor's logprobs (C,) of the sequence, in actor order."""
@@ -285,32 +329,65 @@ def kill_actors(actors: list) -> None:
 
 
 class WeightSync:
-    """The learner→rollout weight-transfer group and one versioned update through it."""
+    """The learner→rollout weight-transfer group and one versioned update through it.
+
+    A replaced rollout actor breaks the group: `rejoin` has everyone leave it, gives the new
+    actor the current weights over a group of two (learner rank 0 and it), and forms the whole
+    group again.
+    """
 
     def __init__(self, cfg: FlywheelConfig, learner: LearnerGroup, rollouts: RolloutGroup):
         self.cfg, self.learner, self.rollouts = cfg, learner, rollouts
-        world = 1 + len(rollouts.actors)
-        # Learner rank 0 is the group's rank 0, so the master listens on its node.
-        addr, port = learner.address_and_free_port()
-        backend, timeout = cfg.sync_backend, cfg.sync.timeout_s
-        refs = [learner.ranks[0].init_weight_transfer.remote(addr, port, world, backend, timeout)]
-        refs += [a.init_weight_transfer.remote(addr, port, i + 1, world, backend, timeout)
-                 for i, a in enumerate(rollouts.actors)]
-        wait(refs, timeout + 30, f"joining the weight-transfer group ({backend}, {world} processes)")
+        self.version = 0  # the policy version every actor holds: the base model's until the first push
+        self._join(rollouts.actors)
         self.specs = learner.weight_specs()
         self.bucket_bytes = int(cfg.sync.bucket_mb * 2**20)
+        rollouts.weight_source = self
+
+    def _join(self, actors: list) -> None:
+        """Learner rank 0 (group rank 0) and the given actors, as group ranks 1..N in order."""
+        world = 1 + len(actors)
+        # Learner rank 0 is the group's rank 0, so the master listens on its node.
+        addr, port = self.learner.address_and_free_port()
+        backend, timeout = self.cfg.sync_backend, self.cfg.sync.timeout_s
+        refs = [self.learner.ranks[0].init_weight_transfer.remote(addr, port, world, backend, timeout)]
+        refs += [a.init_weight_transfer.remote(addr, port, k + 1, world, backend, timeout)
+                 for k, a in enumerate(actors)]
+        wait(refs, timeout + 30, f"joining the weight-transfer group ({backend}, {world} processes)")
+
+    def _leave(self, actors: list) -> None:
+        refs = [self.learner.ranks[0].close_weight_transfer.remote()]
+        refs += [a.close_weight_transfer.remote() for a in actors]
+        # An actor leaves once it has finished the batch it is generating, within the step's deadline.
+        wait(refs, self.cfg.run.step_timeout_s + self.cfg.sync.timeout_s, "leaving the weight-transfer group")
 
     def push(self, version: int) -> float:
         """Send the learner's current policy to every rollout actor; returns seconds."""
         t0 = time.perf_counter()
+        self._send(version, self.rollouts.actors)
+        self.version = version
+        return time.perf_counter() - t0
+
+    def _send(self, version: int, actors: list) -> None:
         meta = WeightSyncMeta(version=version, specs=self.specs, bucket_bytes=self.bucket_bytes)
         refs = [r.send_weights.remote(meta) for r in self.learner.ranks]
-        refs += [a.receive_weights.remote(meta) for a in self.rollouts.actors]
+        refs += [a.receive_weights.remote(meta) for a in actors]
         results = wait(refs, self.cfg.sync.timeout_s, f"weight sync to policy version {version}")
         versions = results[len(self.learner.ranks):]
         if any(v != version for v in versions):
             raise RemoteCallError(f"weight sync: actors report versions {versions}, expected {version}")
-        return time.perf_counter() - t0
+
+    def rejoin(self, replaced: int) -> None:
+        """Bring the new rollout actor `replaced` to the current version and form the group again."""
+        actors = self.rollouts.actors
+        self._leave([a for i, a in enumerate(actors) if i != replaced])
+        if self.version > 0:  # a new engine holds the base model: version 0
+            self._join([actors[replaced]])
+            self._send(self.version, [actors[replaced]])
+            self._leave([actors[replaced]])
+        self._join(actors)
+        log.info("rollout actor %d replaced at policy version %d; weight-transfer group formed again",
+                 replaced, self.version)
 
 
 def make_placement_group(cfg: FlywheelConfig, timeout_s: float = 120.0):

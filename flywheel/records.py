@@ -63,6 +63,7 @@ class Rollout:
     gen_s: float  # wall time of the generate call in the actor
     actor_rank: int = 0  # which rollout actor produced it
     actor_tokens_per_s: list[float] = field(default_factory=list)  # (A,) per contributing actor, set by concat
+    actor_restarts: int = 0  # rollout actors that died while generating it and were replaced (set by the driver)
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +98,7 @@ class ScoredRollout:
     scores: np.ndarray  # (B,) float32 reward-service scores
     score_s: float = 0.0  # wall time of the scoring call
     failed_attempts: int = 0  # HTTP attempts that failed (connection error, timeout, 5xx) and were retried
+    restarts: int = 0  # times the run's own reward service exited and was started again while scoring
 
 
 @dataclass

@@ -251,6 +251,12 @@ class LearnerWorker:
         self._sender = WeightSender(backend)
         self._sender.init_group(master_addr, master_port, world_size, timeout_s)
 
+    def close_weight_transfer(self) -> None:
+        """Rank 0 leaves the weight-transfer group (to form it again with a replaced actor)."""
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
     def send_weights(self, meta: WeightSyncMeta) -> float:
         """Broadcast the current policy to the rollout actors (rank 0 sends, all ranks gather)."""
         t0 = time.perf_counter()
@@ -311,7 +317,5 @@ class LearnerWorker:
 
     def shutdown(self, destroy_process_group: bool = True) -> list[str]:
         """Leave the groups and remove this rank's shared memory; returns the files removed."""
-        if self._sender is not None:
-            self._sender.close()
-            self._sender = None
+        self.close_weight_transfer()
         return leave_group(self.setup, destroy_process_group)

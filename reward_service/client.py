@@ -11,6 +11,7 @@ and the command that starts the service.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from urllib.parse import urlsplit
@@ -34,27 +35,30 @@ class RewardClient:
         self,
         url: str,
         timeout_s: float = 30.0,
-        retries: int = 2,
+        retries: int | None = 2,
         batch_size: int = 256,
         connect_timeout_s: float = 5.0,
         backoff_s: float = 0.2,
+        max_backoff_s: float = 30.0,
     ):
         """
         url: base URL of the service, e.g. "http://127.0.0.1:8123".
         timeout_s: deadline of one request of `batch_size` items, retries included.
-        retries: extra attempts after a connection error or a 5xx answer.
+        retries: extra attempts after a connection error or a 5xx answer; None: until the deadline.
         batch_size: items per HTTP request.
         connect_timeout_s: cap on establishing one connection.
         backoff_s: wait before the first retry; doubles at each further one.
+        max_backoff_s: the longest wait between two attempts.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.url = url.rstrip("/")
         self.timeout_s = float(timeout_s)
-        self.retries = int(retries)
+        self.retries = None if retries is None else int(retries)
         self.batch_size = int(batch_size)
         self.connect_timeout_s = float(connect_timeout_s)
         self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
         # Attempts that failed (no connection, no answer in time, HTTP 5xx) since the client was made,
         # whether a retry then succeeded or not: the reward service's error count on the dashboard.
         self.failed_attempts = 0
@@ -103,7 +107,7 @@ class RewardClient:
         deadline = time.monotonic() + timeout_s
         backoff = self.backoff_s
         what, answered = "no attempt made", False
-        for attempt in range(self.retries + 1):
+        for attempt in itertools.count() if self.retries is None else range(self.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -134,10 +138,10 @@ class RewardClient:
                     )
                 what, answered = f"HTTP {resp.status_code}: {_short(resp.text)}", True
             self.failed_attempts += 1
-            what = f"{what}; attempt {attempt + 1} of {self.retries + 1}"
-            if attempt < self.retries:
+            what = f"{what}; attempt {attempt + 1}" + ("" if self.retries is None else f" of {self.retries + 1}")
+            if self.retries is None or attempt < self.retries:
                 time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
-                backoff *= 2
+                backoff = min(2 * backoff, self.max_backoff_s)
         raise self._unreachable(timeout_s, what, answered)
 
     # -- API --------------------------------------------------------------

@@ -5,10 +5,15 @@ interpreter, in its own process group, with `--parent-pid` so that the server
 exits by itself if this process dies without calling `stop()`.  It returns once
 /health answers; if the server does not come up in time it is killed and the
 error shows the tail of its log.
+
+`SupervisedRewardService` is the run's own server with its client: a server
+that dies while a rollout is scored is started again and the rollout scored
+again, within a deadline.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,9 +21,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from flywheel.net import free_port
+from flywheel.records import Rollout, ScoredRollout
 from reward_service.client import RewardClient, RewardServiceError
+
+log = logging.getLogger("flywheel.reward_service")
 
 # The directory holding the reward_service package: the child needs it importable.
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -173,3 +182,89 @@ def _launch(
         f"(raise start_timeout_s on a busy machine) and was killed. Command: {' '.join(command)}\n"
         f"Log {log_path} (tail):\n{_tail(log_path)}"
     )
+
+
+class SupervisedRewardService:
+    """The run's own reward server and its client, kept alive while scoring.
+
+    `server` was started by `start(port, start_timeout_s)`, and `client` speaks to it. When scoring
+    fails because the server exited or refuses connections, the server is started again the same
+    way (on the same port, or on a free one if that is taken, the client following) and the same rollout is scored again: nothing is generated twice. All
+    of it must fit in `deadline_s` per rollout, with at most `max_restarts` restarts; the error
+    beyond says which limit was hit. The server's pid is written to `pid_path` at each start.
+    """
+
+    def __init__(self, server: RewardServerProcess, client: RewardClient,
+                 start: Callable[[int, float], RewardServerProcess], *, start_timeout_s: float, deadline_s: float,
+                 max_restarts: int, pid_path: str | None = None):
+        self.server, self.client, self._start = server, client, start
+        self.start_timeout_s, self.deadline_s, self.max_restarts = start_timeout_s, deadline_s, max_restarts
+        self.pid_path = pid_path
+        self._write_pid()
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    @property
+    def log_path(self) -> str:
+        return self.server.log_path
+
+    def _write_pid(self) -> None:
+        if self.pid_path is not None:
+            Path(self.pid_path).write_text(f"{self.server.pid}\n")
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.client.close()
+        if self.pid_path is not None:
+            Path(self.pid_path).unlink(missing_ok=True)
+
+    def score_rollout(self, rollout: Rollout) -> ScoredRollout:
+        """The rollout's scores, restarting a server that died on the way; `restarts` counts them."""
+        deadline = time.monotonic() + self.deadline_s
+        start, failed_before, restarts = time.perf_counter(), self.client.failed_attempts, 0
+        while True:
+            try:
+                scores = self.client.score(rollout.prompts, rollout.completions)
+                break
+            except RewardServiceError as exc:
+                reason = self._death(exc)
+                if reason is None:
+                    raise  # a live server that answered badly: restarting it would not help
+                if restarts >= self.max_restarts or time.monotonic() >= deadline:
+                    limit = (f"reward.max_restarts={self.max_restarts}" if restarts >= self.max_restarts
+                             else f"the scoring deadline of {self.deadline_s:.0f} s (run.step_timeout_s)")
+                    raise RewardServiceError(
+                        f"the run's reward service at {self.url} {reason} after {restarts} restart(s) while "
+                        f"scoring this step, the limit being {limit}; its log is {self.server.log_path}"
+                    ) from exc
+                log.warning("reward service at %s %s; restarting it and scoring the same %d samples again",
+                            self.url, reason, len(rollout.completions))
+                self._restart(deadline)
+                restarts += 1
+        return ScoredRollout(rollout=rollout, scores=scores, score_s=time.perf_counter() - start,
+                             failed_attempts=self.client.failed_attempts - failed_before, restarts=restarts)
+
+    def _death(self, exc: RewardServiceError) -> str | None:
+        """Why the server is gone (it exited, or refuses connections), or None if it is not."""
+        if not self.server.alive():
+            return f"(pid {self.server.pid}) exited with code {self.server.proc.returncode}"
+        if "connection refused" in str(exc):
+            return f"(pid {self.server.pid}) refused connections"
+        return None
+
+    def _restart(self, deadline: float) -> None:
+        old = self.server
+        old.stop(timeout_s=5.0)  # reaps an exited one; stops one that no longer listens
+        start_timeout_s = min(self.start_timeout_s, max(1.0, deadline - time.monotonic()))
+        port = int(old.url.rsplit(":", 1)[1])
+        try:
+            self.server = self._start(port, start_timeout_s)
+        except RewardServiceError as exc:
+            if "address already in use" not in str(exc).lower():
+                raise
+            self.server = self._start(0, start_timeout_s)  # the port was taken while the server was down
+        self.client.close()  # its pooled connections went to the dead server
+        self.client.url = self.server.url
+        self._write_pid()

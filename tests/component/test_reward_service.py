@@ -213,3 +213,52 @@ def test_model_scorer_through_the_server_equals_the_model(tmp_path):
         ]
     assert np.ptp(expected) > 0.05  # a test of distinct numbers, not of one constant
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5)
+
+
+def _rollout(prompts: list[str], completions: list[str]):
+    from flywheel.records import Rollout
+
+    n = len(prompts)
+    return Rollout(prompts=prompts, prompt_ids=[np.array([1])] * n, completions=completions,
+                   completion_ids=[np.array([2])] * n, logprobs=[np.zeros(1, np.float32)] * n,
+                   finish_reasons=["length"] * n, policy_version=0, gen_s=0.0)
+
+
+def _supervised(tmp_path, max_restarts: int):
+    from reward_service.process import SupervisedRewardService
+
+    def start(port: int, start_timeout_s: float):
+        return start_reward_server(rule="length", port=port, start_timeout_s=start_timeout_s,
+                                   log_path=str(tmp_path / "reward.log"))
+
+    server = start(0, 60.0)
+    return SupervisedRewardService(server, RewardClient(server.url, timeout_s=10.0), start, start_timeout_s=60.0,
+                                   deadline_s=90.0, max_restarts=max_restarts, pid_path=str(tmp_path / "reward.pid"))
+
+
+def test_supervised_service_restarts_a_killed_server_and_scores_the_same_rollout(tmp_path):
+    service = _supervised(tmp_path, max_restarts=1)
+    try:
+        pid, url = int((tmp_path / "reward.pid").read_text()), service.url
+        assert pid == service.server.pid
+        first = service.score_rollout(_rollout(PROMPTS, COMPLETIONS))
+        assert first.restarts == 0
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, 10)
+        again = service.score_rollout(_rollout(PROMPTS, COMPLETIONS))
+        # Started again, on the same port, its new pid written down; every score there, equal to before.
+        assert again.restarts == 1 and again.failed_attempts >= 1
+        new_pid = int((tmp_path / "reward.pid").read_text())
+        assert new_pid == service.server.pid != pid and service.url == url
+        np.testing.assert_array_equal(again.scores, first.scores)
+        # A second death in one scoring is beyond max_restarts=1: the error says so.
+        os.kill(new_pid, signal.SIGKILL)
+        assert wait_gone(new_pid, 10)
+        service.max_restarts = 0
+        with pytest.raises(RewardServiceError, match=r"exited with code -9 after 0 restart\(s\).*reward.max_restarts=0"):
+            service.score_rollout(_rollout(PROMPTS, COMPLETIONS))
+    finally:
+        service.stop()
+    assert not (tmp_path / "reward.pid").exists()
+    assert wait_gone(service.server.pid, 10)
+

@@ -63,7 +63,7 @@ def test_prometheus_gauges_carry_the_step_figures():
     registry = FakeRegistry()
     sink = PrometheusSink("run-a", metrics=registry)
     sink.log(RECORD)
-    sink.log({**RECORD, "step": 3, "score_failed_attempts": 1})
+    sink.log({**RECORD, "step": 3, "score_failed_attempts": 1, "reward_service_restarts": 1, "actor_restarts": 2})
     run = (("run", "run-a"),)
     m = registry.made
     assert m["flywheel_rollout_tokens_per_s"].values == {run: 812.5}
@@ -77,6 +77,8 @@ def test_prometheus_gauges_carry_the_step_figures():
     actors = {dict(k)["actor"]: v for k, v in m["flywheel_actor_rollout_tokens_per_s"].values.items()}
     assert actors == {"0": 400.0, "1": 425.0}
     assert m["flywheel_reward_service_failed_attempts"].values == {run: 3}  # a counter: 2 then 1 more
+    assert m["flywheel_reward_service_restarts"].values == {run: 1}
+    assert m["flywheel_rollout_actor_restarts"].values == {run: 2}
     assert "flywheel_gold_reward_mean" in m and not m["flywheel_gold_reward_mean"].values  # absent figure: unset
 
 

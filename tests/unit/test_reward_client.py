@@ -165,6 +165,21 @@ def test_connection_refused_raises_within_timeout_with_fix():
     assert "2.0 s" in msg
 
 
+def test_a_dropped_remote_service_is_retried_until_the_deadline():
+    """A configured reward.url cannot be restarted by the run: its client keeps trying, every
+    0.1 s at most, until its deadline, and then names the URL and what happened."""
+    url = f"http://127.0.0.1:{unused_port()}"
+    client = RewardClient(url, timeout_s=1.5, retries=None, backoff_s=0.05, max_backoff_s=0.1)
+    start = time.monotonic()
+    with pytest.raises(RewardServiceError, match="connection refused") as info:
+        client.score(["p"], ["c"])
+    elapsed = time.monotonic() - start
+    assert 1.3 < elapsed < 2.5, elapsed  # tried until the deadline, not given up after a few tries
+    assert client.failed_attempts >= 10  # 0.05, then 0.1 s apart: about 15 attempts in 1.5 s
+    assert url in str(info.value) and "1.5 s" in str(info.value)
+    assert f"attempt {client.failed_attempts})" in str(info.value)  # no cap on attempts to name
+
+
 def test_server_that_never_answers_hits_read_timeout():
     # A socket that listens but never accepts: the kernel completes the TCP
     # handshake, the request is sent, and no answer ever comes.

@@ -65,7 +65,7 @@ def test_dashboard_follows_a_real_run_in_a_browser(tmp_path):
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.launch", "--config", str(CONFIG), "--output-dir", str(out),
-             f"run.steps={STEPS}", "run.eval_prompts=4", "run.save_final=false", "data.prompts_per_step=8",
+             f"run.steps={STEPS}", "run.eval_prompts=4", "run.save_final=false", "run.checkpoint_every=0", "data.prompts_per_step=8",
              "rollout.num_actors=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12",
              "learner.minibatch_size=16", "learner.ppo_epochs=1"],
             cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)

@@ -75,7 +75,7 @@ def test_ppo_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     shm_before = _shm_files()
     result = _launch(
-        ["--config", str(CONFIG), "--output-dir", str(out), "run.steps=3", "run.eval_prompts=15",
+        ["--config", str(CONFIG), "--output-dir", str(out), "run.steps=3", "run.checkpoint_every=0", "run.eval_prompts=15",
          "data.prompts_per_step=16", "rollout.num_actors=2", "rollout.samples_per_prompt=2",
          "rollout.temperature=0.7", "rollout.top_p=0.95", "learner.minibatch_size=16", "learner.world_size=2",
          "learner.zero_stage=3", "sync.bucket_mb=0.25"],

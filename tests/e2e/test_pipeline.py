@@ -34,7 +34,8 @@ def test_sft_then_reward_model_then_ppo(tmp_path):
     out = tmp_path / "pipe"
     result = _launch("local_tiny_pipeline.yaml", out, "sft.examples=512", "sft.epochs=2", "reward_model.pairs=512",
                      "reward_model.epochs=1", "run.steps=2", "run.eval_prompts=8", "data.prompts_per_step=8",
-                     "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "run.save_final=false")
+                     "rollout.samples_per_prompt=2", "learner.minibatch_size=16", "run.save_final=false",
+                     "run.checkpoint_every=0")
     assert result.returncode == 0, result.stderr[-4000:]
     pipeline = json.loads((out / "pipeline.json").read_text())
     assert pipeline["stages"] == ["sft", "reward_model", "ppo"]
@@ -96,7 +97,8 @@ def test_arithmetic_sft_then_a_critic_free_estimator(tmp_path):
     out = tmp_path / "arith"
     result = _launch("local_tiny_arithmetic.yaml", out, "sft.examples=256", "sft.epochs=1", "run.steps=2",
                      "learner.advantage=rloo", "run.eval_prompts=16", "data.prompts_per_step=8",
-                     "rollout.samples_per_prompt=4", "learner.minibatch_size=32", "run.save_final=false")
+                     "rollout.samples_per_prompt=4", "learner.minibatch_size=32", "run.save_final=false",
+                     "run.checkpoint_every=0")
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records] == [0, 1]

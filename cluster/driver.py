@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -131,6 +133,7 @@ def start_ray(cfg: FlywheelConfig, stack: ExitStack) -> None:
 
     if ray.is_initialized():
         return
+    sigterm = signal.getsignal(signal.SIGTERM)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     repo_root = str(Path(__file__).resolve().parent.parent)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
@@ -145,6 +148,14 @@ def start_ray(cfg: FlywheelConfig, stack: ExitStack) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=True, logging_level=logging.WARNING)
     stack.callback(ray.shutdown)
+    _restore_sigterm_handler(sigterm)
+
+
+def _restore_sigterm_handler(handler) -> None:
+    """ray.init replaces the SIGTERM handler (its own exits at once, or its core worker's aborts
+    the process) with nothing stopped; put the launcher's back: it unwinds as for Ctrl-C."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 class RunError(RuntimeError):

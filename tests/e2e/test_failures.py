@@ -106,3 +106,29 @@ def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_aga
         assert r["sample_logprob_diff"] < 0.002, r
     assert records[2]["rollout_tokens"] > 0
     _assert_no_leftovers(marker, shm_before)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_stops_every_process_and_keeps_the_last_checkpoint(tmp_path, signum):
+    """SIGTERM (what `ray job stop`, `kill` and schedulers send) and SIGINT (Ctrl-C) mid-run: the
+    launcher exits with 130, prints the command that resumes, leaves no process or shared memory,
+    and the checkpoint written before the signal is whole; the logged steps are each there once."""
+    marker = uuid.uuid4().hex
+    out = tmp_path / "run"
+    shm_before = _shm_files()
+    proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *SMALL, "run.steps=50",
+                   "run.checkpoint_every=1", "run.save_final=false"], marker)
+    try:
+        _wait_until(lambda: _lines_logged(out) >= 2, proc, "step 2's metrics line", timeout_s=400)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 130, stderr[-4000:]
+    assert "--resume" in stderr, stderr[-4000:]
+    steps = [r["step"] for r in _records(out)]
+    assert steps == list(range(len(steps))) and len(steps) < 50, steps
+    whole = sorted(p.name for p in (out / "checkpoints").glob("step_??????"))
+    assert whole and all((out / "checkpoints" / name / "manifest.json").is_file() for name in whole), whole
+    _assert_no_leftovers(marker, shm_before)

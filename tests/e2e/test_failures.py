@@ -22,6 +22,18 @@ from tests.e2e.test_resume import SMALL, _lines_logged, _records, _start, _stop,
 PROMPTS, SAMPLES = 8, 2  # data.prompts_per_step and rollout.samples_per_prompt in SMALL
 
 
+def _start_and_wait(out: Path, overrides: list[str], marker: str, lines: int):
+    """A small run launched in the background, once `lines` of its steps are logged."""
+    proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *SMALL, "run.save_final=false", *overrides],
+                  marker)
+    try:
+        _wait_until(lambda: _lines_logged(out) >= lines, proc, f"step {lines}'s metrics line", timeout_s=400)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc
+
+
 def _finish(proc, timeout_s: float) -> str:
     try:
         _, stderr = proc.communicate(timeout=timeout_s)
@@ -45,10 +57,8 @@ def test_a_killed_reward_service_is_restarted_and_the_step_scored_again(tmp_path
     marker = uuid.uuid4().hex
     out = tmp_path / "run"
     shm_before = _shm_files()
-    proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *SMALL, "run.steps=3",
-                   "run.checkpoint_every=0", "run.save_final=false"], marker)
+    proc = _start_and_wait(out, ["run.steps=3", "run.checkpoint_every=0"], marker, lines=1)
     try:
-        _wait_until(lambda: _lines_logged(out) >= 1, proc, "step 1's metrics line", timeout_s=400)
         pid = int((out / "reward_service.pid").read_text())
         os.kill(pid, signal.SIGKILL)
     except BaseException:
@@ -117,10 +127,8 @@ def test_a_stop_signal_stops_every_process_and_keeps_the_last_checkpoint(tmp_pat
     marker = uuid.uuid4().hex
     out = tmp_path / "run"
     shm_before = _shm_files()
-    proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *SMALL, "run.steps=50",
-                   "run.checkpoint_every=1", "run.save_final=false"], marker)
+    proc = _start_and_wait(out, ["run.steps=50", "run.checkpoint_every=1"], marker, lines=2)
     try:
-        _wait_until(lambda: _lines_logged(out) >= 2, proc, "step 2's metrics line", timeout_s=400)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     finally:

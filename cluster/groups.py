@@ -97,8 +97,11 @@ class RolloutGroup:
         self.weight_source: WeightSync | None = None
         # Replaced in place, so that whoever holds this list (the stop-everything callback) sees the new actors.
         self.actors = [self._new_actor(i) for i in range(cfg.rollout.num_actors)]
-        wait([a.health.remote() for a in self.actors], cfg.rollout.start_timeout_s,
-             "starting the rollout actors' vLLM engines")
+        self._started = [a.health.remote() for a in self.actors]
+
+    def wait_started(self) -> None:
+        """Block until every actor's engine is up (the constructor only starts them)."""
+        wait(self._started, self.cfg.rollout.start_timeout_s, "starting the rollout actors' vLLM engines")
 
     def _new_actor(self, i: int):
         from actors.rollout import RolloutWorker
@@ -209,7 +212,11 @@ class LearnerGroup:
             for i in range(lc.world_size)
         ]
         self.master_addr, self.master_port = addr, port
-        wait([r.weight_specs.remote() for r in self.ranks], cfg.run.step_timeout_s, "starting the DeepSpeed learner")
+        self._started = [r.weight_specs.remote() for r in self.ranks]
+
+    def wait_started(self) -> None:
+        """Block until every rank has built its DeepSpeed engine (the constructor only starts them)."""
+        wait(self._started, self.cfg.run.step_timeout_s, "starting the DeepSpeed learner")
 
     def address_and_free_port(self) -> tuple[str, int]:
         """IP of rank 0's node and a port free there (for a group whose master is rank 0)."""

@@ -1,8 +1,8 @@
 """End-to-end: checkpoints and exact resume through the real entry point and the real stack.
 
-A run of 6 steps straight against a run of 6 whose launcher is SIGKILLed in step 5,
-after its checkpoint of step 3, and then resumed (with a half-written checkpoint
-folder added, as a kill while writing one leaves): steps 4-6 must log the same
+A run of 4 steps straight against a run of 4 whose launcher is SIGKILLed in step 4,
+after its checkpoint of step 2, and then resumed (with a half-written checkpoint
+folder added, as a kill while writing one leaves): steps 3-4 must log the same
 figures and end with the same weights. In float32, so no bf16 kernel noise can hide a
 difference. And a learner rank killed mid-run: the launcher stops everything,
 exits non-zero with the command that resumes, and that command works.
@@ -45,21 +45,21 @@ def _lines_logged(out: Path) -> int:
 
 @pytest.mark.timeout(1200)
 def test_killed_and_resumed_run_equals_a_straight_run(tmp_path):
-    """6 steps straight; 6 steps with the launcher SIGKILLed in step 5 (after the checkpoint of
-    step 3 and step 4's metrics line), then resumed: steps 4-6 and the final weights are equal."""
+    """4 steps straight; 4 steps with the launcher SIGKILLed in step 4 (after the checkpoint of
+    step 2 and step 3's metrics line), then resumed: steps 3-4 and the final weights are equal."""
     marker = uuid.uuid4().hex
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ["--config", str(CONFIG), *SMALL, "run.checkpoint_every=3", "run.steps=6"]
+    args = ["--config", str(CONFIG), *SMALL, "run.checkpoint_every=2", "run.steps=4"]
 
     result = _launch([*args, "--output-dir", str(straight)], timeout_s=600, marker=marker)
     assert result.returncode == 0, result.stderr[-5000:]
-    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
     shm_before = _shm_files()
     killed_marker = uuid.uuid4().hex
     proc = _start([*args, "--output-dir", str(killed)], killed_marker)
     try:
-        _wait_until(lambda: _lines_logged(killed) >= 4, proc, "step 4's metrics line", timeout_s=600)
+        _wait_until(lambda: _lines_logged(killed) >= 3, proc, "step 3's metrics line", timeout_s=600)
         proc.kill()  # SIGKILL: no handler runs, nothing is stopped or cleaned up by the launcher
         proc.communicate(timeout=60)
     finally:
@@ -71,11 +71,11 @@ def test_killed_and_resumed_run_equals_a_straight_run(tmp_path):
         if name.startswith("deepspeed_allreduce_buffer_"):
             os.remove(f"/dev/shm/{name}")
     # What a kill while writing a checkpoint leaves: a half-written folder, to be ignored.
-    partial = killed / "checkpoints" / "step_000006.tmp"
+    partial = killed / "checkpoints" / "step_000004.tmp"
     (partial / "policy").mkdir(parents=True)
     (partial / "learner_rank0.pt").write_bytes(b"cut off")
-    assert [p.name for p in (killed / "checkpoints").glob("step_??????")] == ["step_000003"]
-    logged_after_checkpoint = [r["step"] for r in _records(killed)][3:]
+    assert [p.name for p in (killed / "checkpoints").glob("step_??????")] == ["step_000002"]
+    logged_after_checkpoint = [r["step"] for r in _records(killed)][2:]
     assert logged_after_checkpoint, "the kill came before any step after the checkpoint was logged"
 
     result = _launch([*args, "--output-dir", str(killed), "--resume", str(killed)], timeout_s=600, marker=marker)
@@ -84,8 +84,8 @@ def test_killed_and_resumed_run_equals_a_straight_run(tmp_path):
     assert not partial.exists()
 
     a, b = _records(straight), _records(killed)
-    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]  # each step once: the killed run's later lines are gone
-    for ra, rb in zip(a[3:], b[3:]):
+    assert [r["step"] for r in b] == [0, 1, 2, 3]  # each step once: the killed run's later lines are gone
+    for ra, rb in zip(a[2:], b[2:]):
         assert set(ra) == set(rb)
         differ = {k: (ra[k], rb[k]) for k in ra if k not in TIMING_KEYS and ra[k] != rb[k]}
         assert not differ, f"step {ra['step']}: {differ}"
@@ -93,7 +93,7 @@ def test_killed_and_resumed_run_equals_a_straight_run(tmp_path):
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
     assert sb["before"] == sa["before"]  # the original evaluation, kept in the checkpoint
     assert sb["after"] == sa["after"]
-    assert sb["resumed_from"].endswith("step_000003")
+    assert sb["resumed_from"].endswith("step_000002")
     wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, killed))
     assert wa.keys() == wb.keys()
     differ = [name for name in wa if not (wa[name] == wb[name]).all()]

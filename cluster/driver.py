@@ -73,7 +73,7 @@ class Services:
         pg = make_placement_group(cfg)
         self._stack.callback(ray.util.remove_placement_group, pg)
         # Both groups start at once: a start is mostly one process importing and building, so on a
-        # machine with few cores the two overlap instead of adding up (about 10 s less per launch on 2).
+        # machine with few cores the two overlap instead of adding up.
         t0 = time.perf_counter()
         self.rollouts = RolloutGroup(cfg, self.model_path, self.dtype, pg, first_bundle=0)
         self._stack.callback(kill_actors, self.rollouts.actors)

@@ -40,9 +40,11 @@ def _submit(*args: str, env: dict, timeout_s: float, agent_wait_s: float = 120) 
         time.sleep(2)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """`ray start --head` on loopback with its own ports and temp dir; `ray stop` afterwards, always."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head` on loopback with its own ports and temp dir, shared by this module's jobs
+    as one cluster serves many jobs; `ray stop` afterwards, always."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     gcs, dashboard = free_port(), free_port()
     temp_dir = Path("/tmp") / f"fwjob{gcs}"  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
@@ -53,15 +55,15 @@ def ray_head(tmp_path):
                    f"--temp-dir={temp_dir}", "--disable-usage-stats", env=env, timeout_s=180)
     try:
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        yield f"http://127.0.0.1:{dashboard}", env
+        yield f"http://127.0.0.1:{dashboard}", env, tmp_path / "durable"
     finally:
         _ray("stop", "--force", env=env, timeout_s=120)
         subprocess.run(["rm", "-rf", str(temp_dir)], timeout=60)
 
 
 @pytest.mark.timeout(900)
-def test_ray_job_submit_keeps_its_outputs(ray_head, tmp_path):
-    address, env = ray_head
+def test_ray_job_submit_keeps_its_outputs(ray_head):
+    address, env, durable_root = ray_head
     job_id = "flywheel_test_job"
     # The README's command, shrunk by overrides; the output directory is relative, as a user would give it.
     submitted = _submit(f"--address={address}", f"--submission-id={job_id}", "--working-dir", ".",
@@ -73,7 +75,7 @@ def test_ray_job_submit_keeps_its_outputs(ray_head, tmp_path):
     assert submitted.returncode == 0, logs[-4000:]
     assert "succeeded" in logs, logs[-2000:]
 
-    durable = tmp_path / "durable" / "runs" / "job"
+    durable = durable_root / "runs" / "job"
     assert str(durable) in logs  # the run said where its outputs go
     summary = json.loads((durable / "summary.json").read_text())
     assert summary["steps"] == 2 and (durable / "final" / "model.safetensors").is_file()
@@ -96,7 +98,7 @@ def _processes(pattern: str) -> list[str]:
 
 @pytest.mark.timeout(900)
 def test_ray_job_stop_stops_every_process_of_the_run(ray_head, tmp_path):
-    address, env = ray_head
+    address, env, _ = ray_head
     job_id = "flywheel_test_stop"
     ours = _RUN_PROCESSES
     others = set(_processes(ours))  # anything already running on the machine is not this job's

@@ -178,6 +178,42 @@ def make_engine(model: torch.nn.Module, setup: LearnerSetup, lr: float, weight_d
     return engine
 
 
+def make_frozen(model: torch.nn.Module, setup: LearnerSetup, device: torch.device, micro_batch: int) -> torch.nn.Module:
+    """A frozen model (the KL reference) for forward passes only.
+
+    Under ZeRO-3 its weights are partitioned over the ranks like the policy's, so a rank holds
+    about 1/world_size of them: DeepSpeed's ZeRO-3 engine without an optimiser gathers each
+    layer's weights for its forward and frees them after (as DeepSpeed-Chat and OpenRLHF wrap
+    their reference models). At the other stages the model stays whole on every rank. Every
+    rank must then call its forward the same number of times, as it does the policy's."""
+    model = model.to(device).eval().requires_grad_(False)
+    if setup.zero_stage != 3:
+        return model
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": setup.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def held_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """(weight elements this rank holds, elements of the whole model): under ZeRO-3 a rank holds
+    its partition of each weight (`ds_tensor`), plus whole the weights too small to partition."""
+    held = total = 0
+    for p in model.parameters():
+        full = getattr(p, "ds_numel", p.numel())
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        total += full
+    return held, total
+
+
 def rng_states() -> dict:
     """This process's torch (and CUDA), numpy and python RNG states, for a checkpoint."""
     import random

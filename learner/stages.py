@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from learner.engine import LearnerSetup, LRSchedule, join_group, leave_group, make_engine, pad_token_id, save_hf
+from learner.engine import LearnerSetup, LRSchedule, join_group, leave_group, make_engine, make_frozen, pad_token_id, save_hf
 from learner.experience import TokenBatch, pad_batch, policy_forward
 from learner.losses import AVERAGED_LOGPS, PREFERENCE_LOSSES, bradley_terry_loss, masked_mean, masked_sum
 from learner.models import load_causal_lm
@@ -184,7 +184,7 @@ class DPOWorker:
         self.model = make_engine(load_causal_lm(setup.model_path, "float32"), setup, lr, weight_decay, 1, max_grad_norm,
                                  schedule)
         ref_path = setup.ref_model_path or setup.model_path
-        self.ref = load_causal_lm(ref_path, setup.dtype).to(self.device).eval().requires_grad_(False)
+        self.ref = make_frozen(load_causal_lm(ref_path, setup.dtype), setup, self.device, 1)
 
     def _logps(self, model, prompt_ids, completion_ids) -> torch.Tensor:
         """Completion logprobs (b,) of this rank's rows, summed (DPO) or averaged over tokens (IPO)."""

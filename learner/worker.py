@@ -32,7 +32,7 @@ from learner.advantages import AdvantageInputs, compute_advantages, token_level_
 from learner.config import NEEDS_CRITIC, SELF_NORMALISING, LearnerConfig
 from learner.distributed import all_gather_rows, all_reduce_mean
 from learner.engine import (
-    LearnerSetup, full_parameters, join_group, leave_group, load_engine, make_engine, pad_token_id,
+    LearnerSetup, full_parameters, join_group, leave_group, load_engine, make_engine, make_frozen, pad_token_id,
     restore_rng_states, rng_states, save_engine, save_hf,
 )
 from learner.kl_control import KLController
@@ -64,7 +64,7 @@ class LearnerWorker:
         self.critic = (self._engine(Critic(setup.model_path, "float32"), ppo.critic_lr, mb_per_rank)
                        if ppo.advantage in NEEDS_CRITIC else None)
         self.kl = KLController(coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
-        self.ref = load_causal_lm(self.reference_model(), setup.dtype).to(self.device).eval().requires_grad_(False)
+        self.ref = make_frozen(load_causal_lm(self.reference_model(), setup.dtype), setup, self.device, mb_per_rank)
         self._experience: Experience | None = None
         self._sender = None
         log.info("learner rank %d ready (ZeRO-%d, %s)", setup.rank, setup.zero_stage, setup.dtype)

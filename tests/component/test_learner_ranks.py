@@ -59,9 +59,12 @@ def _rank_main(policy_path: str, rank: int, world: int, port: int, zero_stage: i
         stats = worker.train()
         # numpy, not tensors: torch would share tensors through file descriptors that die with this process.
         weights = {name: t.float().numpy().copy() for name, t in worker._full_parameters()}
+        from learner.engine import held_elements
+
+        reference = held_elements(worker.ref)
         worker.shutdown()
         if rank == 0:
-            results.put(("ok", exp, stats, weights))
+            results.put(("ok", exp, stats, (weights, reference)))
     except BaseException:
         results.put(("crashed", traceback.format_exc(), None, None))
 
@@ -75,9 +78,9 @@ def _train(policy_path: str, world: int, zero_stage: int):
     for p in procs:
         p.start()
     try:
-        kind, exp, stats, weights = results.get(timeout=400)
+        kind, exp, stats, held = results.get(timeout=400)
         assert kind == "ok", exp
-        return exp, stats, weights
+        return exp, stats, *held
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -87,8 +90,15 @@ def _train(policy_path: str, world: int, zero_stage: int):
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_one_and_two_ranks_make_the_same_update(policy_path, zero_stage):
-    exp1, stats1, w1 = _train(policy_path, world=1, zero_stage=zero_stage)
-    exp2, stats2, w2 = _train(policy_path, world=2, zero_stage=zero_stage)
+    exp1, stats1, w1, ref1 = _train(policy_path, world=1, zero_stage=zero_stage)
+    exp2, stats2, w2, ref2 = _train(policy_path, world=2, zero_stage=zero_stage)
+    # The KL reference: whole on every rank at ZeRO-2; at ZeRO-3 partitioned like the policy, so a
+    # rank of two holds about half of it (the weights too small to split stay whole).
+    assert ref1[0] == ref1[1] == ref2[1]
+    if zero_stage == 2:
+        assert ref2[0] == ref2[1]
+    else:
+        assert ref2[0] < 0.75 * ref2[1], ref2
     for field in ("kl", "reward_mean", "advantage_mean", "value_mean"):
         assert getattr(exp1, field) == pytest.approx(getattr(exp2, field), abs=1e-5), field
     for field in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "grad_norm"):

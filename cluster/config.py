@@ -12,6 +12,7 @@ Overrides from the command line use the same dotted keys
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +92,10 @@ class RolloutConfig:
     max_restarts: int = setting(
         2, "rollout actors that may die and be replaced while one batch is generated (each replacement gets "
         "the current weights and generates the dead actor's share again); beyond it the run stops", min=0)
+    max_staleness: int = setting(
+        0, "policy versions a batch's weights may lag the learner's when it trains on it: 0 is synchronous "
+        "(generate, score, train, sync); k >= 1 generates the next batch while the learner trains on this one "
+        "(asynchronous), pushing weights between two batches whenever the next would lag more than k", min=0)
 
 
 @dataclass
@@ -284,6 +289,16 @@ def advisories(cfg: FlywheelConfig) -> list[str]:
             "learner.kl_estimator=k3 with kl_mode=loss: its gradient on the policy's samples is that of "
             "KL(reference || policy), not KL(policy || reference); k2's is the latter"
         )
+    if cfg.rollout.max_staleness:
+        threads = (cfg.rollout.num_actors * (cfg.rollout.num_threads or max(1, int(cfg.rollout.num_cpus_per_actor)))
+                   + cfg.learner.world_size * (cfg.learner.num_threads or max(1, int(cfg.learner.num_cpus_per_rank))))
+        cores = os.cpu_count() or 1
+        if cfg.run.device == "cpu" and threads > cores:
+            notes.append(
+                f"rollout.max_staleness={cfg.rollout.max_staleness} runs generation and training at once, but "
+                f"their {threads} threads share {cores} cores, so they mostly take turns; give each its own "
+                "(e.g. rollout.num_threads=1 and learner.num_threads=1 on 2 cores)"
+            )
     return notes
 
 

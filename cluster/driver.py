@@ -260,8 +260,9 @@ def sync_tolerance(cfg: FlywheelConfig, dtype: str) -> float:
 
 
 def step_record(step: int, scored: ScoredRollout, exp: ExperienceStats, train: TrainStats, sync_s: float,
-                gen_s: float, gold: np.ndarray | None) -> dict[str, Any]:
+                gold: np.ndarray | None) -> dict[str, Any]:
     rollout = scored.rollout
+    gen_s = rollout.gen_s  # the slowest actor's generate time
     record: dict[str, Any] = {
         "step": step,
         "policy_version": rollout.policy_version,
@@ -343,24 +344,44 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
             first, probe = restore(services, prompts, resume, cfg, precision.dtype)
             summary.update(before=resume.driver.before, resumed_from=str(resume.path))
         metrics.expect(cfg.run.steps, done=first)
+        lag = cfg.rollout.max_staleness
+        actor_version = first  # the actors hold the learner's weights at the start (a resume pushed them)
+        generating = None  # the batch the actors are working on, started ahead in asynchronous mode
+
+        def push(version: int) -> dict[str, float]:
+            """The learner's weights to every actor (idle, so no sample mixes two versions), checked."""
+            before = probe.before(services) if probe else None
+            figures = {"sync_s": services.sync.push(version=version)}
+            if probe:
+                figures.update(probe.after(services, before))
+            return figures
+
         for step in range(first, cfg.run.steps):
-            batch = with_seeds(prompts.next_batch(), cfg, step)
-            t0 = time.perf_counter()
-            rollout = services.rollouts.generate(batch)
-            gen_s = time.perf_counter() - t0
+            t_step = time.perf_counter()
+            if generating is None:
+                generating = services.rollouts.start(with_seeds(prompts.next_batch(), cfg, step))
+            rollout = services.rollouts.finish(generating)
+            gen_wait_s, generating, synced = time.perf_counter() - t_step, None, {"sync_s": 0.0}
+            if probe is None and cfg.run.check_sync:
+                probe = SyncProbe(rollout.prompt_ids[0], rollout.completion_ids[0], cfg.model.max_model_len,
+                                  sync_tolerance(cfg, precision.dtype))
+            # Asynchronous: the actors start on the next batch before the learner trains on this one.
+            # Not across a checkpoint: the next batch then comes from the checkpointed weights, so a
+            # resumed run generates it again the same.
+            ahead = step + 1
+            if lag and ahead < cfg.run.steps and not checkpoints.is_due(ahead, cfg):
+                if actor_version < ahead - lag:  # it would lag more than max_staleness when trained on
+                    synced, actor_version = push(step), step
+                generating = services.rollouts.start(with_seeds(prompts.next_batch(), cfg, ahead))
             scored = services.reward.score_rollout(rollout)
             check_scores(scored, services.reward.url, services.reward_log)
             gold = task.gold(rollout.prompts, rollout.completions) if synthetic else None
             exp_stats = services.learner.make_experience(scored)
             train_stats = services.learner.train()
-            if probe is None and cfg.run.check_sync:
-                probe = SyncProbe(rollout.prompt_ids[0], rollout.completion_ids[0], cfg.model.max_model_len,
-                                  sync_tolerance(cfg, precision.dtype))
-            before = probe.before(services) if probe else None
-            sync_s = services.sync.push(version=step + 1)
-            record = step_record(step, scored, exp_stats, train_stats, sync_s, gen_s, gold)
-            if probe:
-                record.update(probe.after(services, before))
+            if generating is None:  # synchronous, the last step, or before a checkpoint: sync now
+                synced, actor_version = push(step + 1), step + 1
+            record = step_record(step, scored, exp_stats, train_stats, synced.pop("sync_s"), gold)
+            record.update(synced, gen_wait_s=gen_wait_s, step_s=time.perf_counter() - t_step)
             metrics.log(record)
             if checkpoints.is_due(step + 1, cfg):
                 save_checkpoint(services, cfg, step + 1, prompts, summary["before"], probe)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -84,6 +84,14 @@ def _threads_env(num_threads: int | None) -> dict | None:
     return None if num_threads is None else {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}}
 
 
+class Generation(NamedTuple):
+    """A batch handed to the rollout actors: each actor's part and pending call, and their deadline."""
+
+    parts: list[PromptBatch]
+    pending: dict  # Ray object ref -> actor index
+    deadline: float  # monotonic time by which every part must be done
+
+
 class RolloutGroup:
     """The rollout actors: fan a prompt batch out, gather one Rollout.
 
@@ -131,10 +139,17 @@ class RolloutGroup:
         An actor that dies is replaced and its part generated again, up to `rollout.max_restarts`
         times per batch; the Rollout's `actor_restarts` counts the replacements.
         """
+        return self.finish(self.start(batch))
+
+    def start(self, batch: PromptBatch) -> Generation:
+        """Hand each actor its part of the batch and return at once (`finish` collects them)."""
         parts = batch.split(len(self.actors))
-        t0 = time.perf_counter()
-        deadline = time.monotonic() + self.cfg.run.step_timeout_s
         pending = {self._generate_on(i, part): i for i, part in enumerate(parts) if len(part)}
+        return Generation(parts, pending, time.monotonic() + self.cfg.run.step_timeout_s)
+
+    def finish(self, generation: Generation) -> Rollout:
+        """Wait for a started batch (replacing actors that die, as `generate` says); its Rollout."""
+        parts, pending, deadline = generation
         done: dict[int, Rollout] = {}
         restarts = 0
         while pending:
@@ -150,8 +165,9 @@ class RolloutGroup:
                 restarts += 1
                 self._replace(i, exc, restarts, len(parts[i]))
                 pending[self._generate_on(i, parts[i])] = i
+        # gen_s stays the slowest actor's own generate time (concat's): the driver's clock would
+        # also count whatever it did meanwhile (training, in asynchronous mode).
         out = Rollout.concat([done[i] for i in sorted(done)])
-        out.gen_s = time.perf_counter() - t0
         out.actor_restarts = restarts
         return out
 

@@ -113,6 +113,8 @@ class ExperienceStats:
     return_mean: float  # token mean of the returns
     value_mean: float  # token mean of the critic's values
     sample_logprob_diff: float  # token mean |vLLM sampling logprob - learner logprob|
+    behavior_weight_mean: float  # token mean of the stale-sample correction (1 when the samples are fresh)
+    behavior_weight_capped: float  # share of tokens whose correction hit learner.behavior_weight_cap
     response_len: float  # mean completion length in tokens
     make_experience_s: float
 

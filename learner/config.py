@@ -25,6 +25,9 @@ class LearnerConfig:
     ppo_epochs: int = setting(2, "passes over each step's experience", min=1)
     minibatch_size: int = setting(32, "sequences per optimiser step (across all ranks)", min=1)
     clip_eps: float = setting(0.2, "PPO ratio clip", gt=0)
+    behavior_weight_cap: float = setting(
+        2.0, "truncation of the per-token weight pi_learner / pi_sampler that corrects samples drawn by older "
+        "weights (rollout.max_staleness > 0); decoupled PPO, Hilton et al. 2022", gt=0)
     value_clip_eps: float | None = setting(0.2, "value clip around old values; null disables", gt=0)
     value_coef: float = setting(1.0, "scale of the value loss", min=0)
     gamma: float = setting(1.0, "discount", min=0, max=1)

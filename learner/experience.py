@@ -52,6 +52,9 @@ class Experience:
     kl: Tensor  # (B, T) per-token KL(policy || reference) estimate
     advantages: Tensor  # (B, T)
     returns: Tensor  # (B, T)
+    # (B, T) behaviour-policy correction of each token's policy-loss term: 1 for samples of the
+    # learner's current weights, min(pi_old / pi_sampler, cap) for stale ones (asynchronous mode)
+    weights: Tensor
 
     def select(self, rows: Tensor) -> "Experience":
         picked = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "tokens"}

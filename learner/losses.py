@@ -119,6 +119,23 @@ class PolicyLossOutput(NamedTuple):
     approx_kl: Tensor  # () token-mean k3 estimate of KL(old || new); a step-size check
 
 
+def behavior_weights(proximal_logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Per-token importance weights min(pi_prox / pi_behav, cap), detached; 0 on padding.
+
+    For samples an older policy drew (asynchronous RL): the decoupled PPO objective of
+    Hilton, Cobbe and Schulman, "Batch size-invariance for policy optimization" (2022),
+    clips the ratio against the proximal policy (the learner's weights when the step's
+    experience is made) and corrects for the behaviour policy (the weights that sampled)
+    with this ratio, as AReaL (Fu et al., 2025) does for LLM rollouts a bounded number of
+    versions stale. The weight is truncated at `cap` (as IMPALA's V-trace truncates its
+    importance weights, Espeholt et al., 2018), so a token the old policy found unlikely
+    cannot dominate the update. Inputs (B, T).
+    """
+    real = mask.bool()
+    log_w = torch.where(real, proximal_logprobs - behavior_logprobs, 0.0)
+    return torch.where(real, torch.clamp(torch.exp(log_w), max=cap), 0.0).detach()
+
+
 def policy_loss_clipped(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -126,12 +143,16 @@ def policy_loss_clipped(
     mask: Tensor,
     clip_eps: float,
     clip_eps_high: float | None = None,
+    weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate, -min(r A, clip(r, 1 - eps, 1 + eps_high) A), token-mean.
 
     r = exp(logprobs - old_logprobs). Schulman et al., "Proximal Policy
     Optimization Algorithms" (2017); a separate `clip_eps_high` is the
     "clip-higher" of DAPO (Yu et al., 2025), default the same as `clip_eps`.
+    `weights` (B, T), when given, multiply each token's term: the behaviour-policy
+    correction of `behavior_weights` for stale samples (the mean still divides by
+    the real tokens, so weights of 1 give the plain loss).
     approx_kl is k3 of KL(old || new) on the sampled tokens, detached.
     All inputs (B, T); only `logprobs` needs grad.
     """
@@ -144,7 +165,8 @@ def policy_loss_clipped(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else weights * per_token, mask)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
         # k3 with the old policy as the sampler: KL(old || new).

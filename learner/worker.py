@@ -37,7 +37,9 @@ from learner.engine import (
 )
 from learner.kl_control import KLController
 from learner.experience import Experience, TokenBatch, critic_forward, pad_batch, policy_forward, tokens_from_scored
-from learner.losses import kl_penalty, masked_mean, masked_sum, masked_whiten, policy_loss_clipped, value_loss_clipped
+from learner.losses import (
+    behavior_weights, kl_penalty, masked_mean, masked_sum, masked_whiten, policy_loss_clipped, value_loss_clipped,
+)
 from learner.models import Critic, load_causal_lm
 
 log = logging.getLogger("flywheel.learner")
@@ -66,6 +68,7 @@ class LearnerWorker:
         self.kl = KLController(coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
         self.ref = make_frozen(load_causal_lm(self.reference_model(), setup.dtype), setup, self.device, mb_per_rank)
         self._experience: Experience | None = None
+        self._stale = False  # whether this step's samples came from older weights than the learner's
         self._sender = None
         log.info("learner rank %d ready (ZeRO-%d, %s)", setup.rank, setup.zero_stage, setup.dtype)
 
@@ -136,10 +139,15 @@ class LearnerWorker:
         seq_kl = masked_sum(kl, mask, dim=-1).mean().item()
         self.kl.update(seq_kl, n)
         sample_logprobs = sample_logprobs.to(self.device)
+        # Samples drawn by older weights than the learner's (asynchronous mode) are corrected
+        # towards them token by token; fresh samples keep weight 1, the plain PPO loss.
+        self._stale = self.step > scored.rollout.policy_version
+        weights = (behavior_weights(old_logprobs, sample_logprobs, mask, self.ppo.behavior_weight_cap)
+                   if self._stale else mask.to(old_logprobs.dtype))
         self._experience = Experience(
             tokens=tokens, scores=scores, sample_logprobs=sample_logprobs,
             old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, kl=kl,
-            advantages=advantages, returns=adv.returns,
+            advantages=advantages, returns=adv.returns, weights=weights,
         )
         return ExperienceStats(
             kl=seq_kl,
@@ -151,6 +159,8 @@ class LearnerWorker:
             value_mean=masked_mean(values, mask).item(),
             # vLLM's sampling logprobs against the learner's: sync, sampling-settings and kernel health.
             sample_logprob_diff=masked_mean((sample_logprobs - old_logprobs).abs(), mask).item(),
+            behavior_weight_mean=masked_mean(weights, mask).item(),
+            behavior_weight_capped=masked_mean((weights >= self.ppo.behavior_weight_cap).to(mask.dtype), mask).item(),
             response_len=mask.sum(-1).mean().item(),
             make_experience_s=time.perf_counter() - t0,
         )
@@ -207,7 +217,8 @@ class LearnerWorker:
         out = dict(policy_loss=0.0, clipfrac=0.0, approx_kl=0.0, entropy=0.0, kl_loss=0.0, grad_norm=0.0)
         if train_policy:
             logprobs, entropy = policy_forward(self.policy, mb.tokens, self.setup.sampling, with_entropy=True)
-            pl = policy_loss_clipped(logprobs, mb.old_logprobs, mb.advantages, mask, self.ppo.clip_eps)
+            pl = policy_loss_clipped(logprobs, mb.old_logprobs, mb.advantages, mask, self.ppo.clip_eps,
+                                     weights=mb.weights if self._stale else None)
             loss = pl.loss
             kl_loss = torch.zeros(())
             if self.ppo.kl_mode == "loss":

@@ -32,7 +32,7 @@ def _worker(policy_path: str, zero_stage: int, dtype: str = "float32", ref_path:
     return LearnerWorker(setup, LearnerConfig(**{"minibatch_size": 8, **ppo}))
 
 
-def _scored(policy_path: str, rewarded_token: int, n: int = 16, seed: int = 0) -> ScoredRollout:
+def _scored(policy_path: str, rewarded_token: int, n: int = 16, seed: int = 0, version: int = 0) -> ScoredRollout:
     """Random completions; the score is the fraction of tokens equal to `rewarded_token`."""
     from transformers import AutoTokenizer
 
@@ -45,7 +45,7 @@ def _scored(policy_path: str, rewarded_token: int, n: int = 16, seed: int = 0) -
     scores = np.array([np.mean(c == rewarded_token) for c in completions], dtype=np.float32)
     rollout = Rollout(prompts=["Write about animals:"] * n, prompt_ids=[prompt] * n, completions=[""] * n,
                       completion_ids=completions, logprobs=[np.zeros(len(c), np.float32) for c in completions],
-                      finish_reasons=["length"] * n, policy_version=0, gen_s=0.0)
+                      finish_reasons=["length"] * n, policy_version=version, gen_s=0.0)
     return ScoredRollout(rollout=rollout, scores=scores)
 
 
@@ -83,7 +83,8 @@ def test_ppo_update_raises_rewarded_token_probability(policy_path, zero_stage, k
         prompt = _scored(policy_path, rewarded).rollout.prompt_ids[0].tolist()
         before = worker.sequence_logprobs(prompt, [rewarded])[0]
         for step in range(3):
-            exp = worker.make_experience(_scored(policy_path, rewarded, seed=step))
+            # Fresh samples of each update's policy, as in synchronous mode.
+            exp = worker.make_experience(_scored(policy_path, rewarded, seed=step, version=step))
             assert np.isfinite(exp.kl) and exp.response_len > 0
             stats = worker.train()
             assert np.isfinite(stats.policy_loss) and np.isfinite(stats.value_loss)
@@ -117,6 +118,29 @@ def test_saved_checkpoint_reloads_with_same_logprobs(policy_path, tmp_path):
     logits = model(torch.tensor([prompt + completion])).logits[0]
     got = torch.log_softmax(logits, -1)[torch.arange(2, 4), torch.tensor(completion)].detach().numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_samples_of_older_weights_are_weighted_towards_the_learners(policy_path):
+    """After one update the learner is at version 1: a batch sampled at version 1 keeps the plain
+    loss (weights 1), one sampled at version 0 gets min(pi_learner / pi_sampler, cap) per token.
+    The fake sampler's logprobs are 0 (probability 1), so each weight is the learner's probability."""
+    from learner.losses import behavior_weights
+
+    worker = _worker(policy_path, zero_stage=2, lr=1e-3, behavior_weight_cap=2.0)
+    try:
+        worker.make_experience(_scored(policy_path, 77, n=8))
+        worker.train()
+        fresh = worker.make_experience(_scored(policy_path, 77, n=8, seed=1, version=1))
+        assert fresh.behavior_weight_mean == 1.0 and not worker._stale
+        worker._experience = None
+        stale = worker.make_experience(_scored(policy_path, 77, n=8, seed=1, version=0))
+        exp = worker._experience
+        want = behavior_weights(exp.old_logprobs, exp.sample_logprobs, exp.tokens.mask, cap=2.0)
+        assert worker._stale and torch.equal(exp.weights, want)
+        assert 0.0 < stale.behavior_weight_mean < 0.1  # the tiny policy spreads its mass over ~1000 tokens
+        assert np.isfinite(worker.train().policy_loss)
+    finally:
+        _teardown(worker)
 
 
 def test_non_finite_scores_are_refused(policy_path):

@@ -3,6 +3,10 @@ and the HTTP reward service), read in a real headless browser (Debian's chromium
 Playwright) while the run goes.  The throughput figures on the page must change as steps
 complete, and they must be the run's own (metrics.jsonl).  A screenshot of the page at the last
 step is kept in the test's tmp dir and in test-artifacts/dashboard.png at the repository root.
+
+The run is asynchronous (rollout.max_staleness=1: the actors generate the next batch while the
+learner trains), so it is also the end-to-end test of that mode: every batch but the first is
+one policy version stale, and every weight push leaves each actor with the learner's weights.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def test_dashboard_follows_a_real_run_in_a_browser(tmp_path):
             [sys.executable, "-m", "cluster.launch", "--config", str(CONFIG), "--output-dir", str(out),
              f"run.steps={STEPS}", "run.eval_prompts=4", "run.save_final=false", "run.checkpoint_every=0", "data.prompts_per_step=8",
              "rollout.num_actors=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12",
-             "learner.minibatch_size=16", "learner.ppo_epochs=1"],
+             "learner.minibatch_size=16", "learner.ppo_epochs=1",
+             "rollout.max_staleness=1", "rollout.num_threads=1", "learner.num_threads=1"],
             cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     try:
         url = _wait_for(lambda: (m := re.search(r"dashboard: (http://127\.0\.0\.1:\d+/)", log.read_text())) and m[1],
@@ -132,4 +137,13 @@ def test_dashboard_follows_a_real_run_in_a_browser(tmp_path):
         assert "actor 0:" in sub and "actor 1:" in sub, seen
         assert points == 3 * done, seen
     assert all(len(r["actor_tokens_per_s"]) == 2 for r in records)
+    # Asynchronous: step k trains on a batch the actors generated with the weights of update k - 1
+    # while the learner made update k, corrected towards the learner's (weights near 1).
+    assert [r["policy_version"] for r in records] == [0, 0, 1, 2, 3]
+    assert [r["staleness"] for r in records] == [0, 1, 1, 1, 1]
+    assert all(0.5 < r["behavior_weight_mean"] < 1.5 for r in records), records
+    for r in records[1:]:
+        # A push before each later step: vLLM's logprobs of a fixed sequence then equal the learner's
+        # (bf16 or float32, whichever the machine runs), and the push changed them.
+        assert r["sync_logprob_err"] < 0.05 and r["sync_logprob_shift"] > 2 * r["sync_logprob_err"], r
     assert ARTIFACT.stat().st_size > 10_000

@@ -10,6 +10,7 @@ from tests.helpers import GARBAGE, close, imported_modules
 from learner import losses
 from learner.losses import (
     KL_ESTIMATORS,
+    behavior_weights,
     bradley_terry_loss,
     dpo_loss,
     entropy_from_logits,
@@ -138,6 +139,26 @@ def test_approx_kl_is_k3_of_old_to_new():
     one = torch.ones(1, 1)
     out = policy_loss_clipped(torch.tensor([[-0.5]]), torch.tensor([[-1.0]]), one, one, clip_eps=0.2)
     close(out.approx_kl, 0.14872)
+
+
+def test_behavior_weights_by_hand():
+    # proximal - behaviour log-ratios per row: +0.5 -> e^0.5 = 1.64872; -1.0 -> e^-1 = 0.36788;
+    # +2.0 -> e^2 = 7.389, truncated at the cap 2.0; 0 -> 1. Padding (garbage) gets 0.
+    prox = torch.tensor([[-0.5, GARBAGE], [-2.0, -GARBAGE], [0.0, 0.0], [-1.0, float("nan")]])
+    behav = torch.tensor([[-1.0, -GARBAGE], [-1.0, GARBAGE], [-2.0, 5.0], [-1.0, 0.0]])
+    w = behavior_weights(prox, behav, PAD_MASK, cap=2.0)
+    close(w[:, 0], [1.64872, 0.36788, 2.0, 1.0])
+    close(w[:, 1], [0.0, 0.0, 0.0, 0.0])
+    assert not w.requires_grad
+
+
+def test_weighted_policy_loss_by_hand():
+    # The per-token terms of test_policy_loss_by_hand, -2.4, +3.29744, -1.21306, +1.6, weighted
+    # by 0.5, 2, 1, 0: (-1.2 + 6.59488 - 1.21306 + 0) / 4 = 1.04546. Weights of 1 give the plain loss.
+    w = torch.tensor([[0.5, 9.0], [2.0, 9.0], [1.0, 9.0], [0.0, 9.0]])
+    close(policy_loss_clipped(NEW, OLD, ADV, PAD_MASK, clip_eps=0.2, weights=w).loss, 1.04546)
+    ones = torch.ones(4, 2)
+    close(policy_loss_clipped(NEW, OLD, ADV, PAD_MASK, clip_eps=0.2, weights=ones).loss, 0.32110)
 
 
 def test_policy_loss_at_ratio_one_is_minus_mean_advantage():

@@ -262,6 +262,10 @@ class LearnerGroup:
     def save_hf(self, out_dir: str) -> str:
         return self._all("save_hf", [out_dir] * len(self.ranks), what="saving the final checkpoint")[0]
 
+    def peak_memory_gib(self) -> list[float]:
+        """Each rank's peak resident memory so far, in GiB, in rank order."""
+        return wait([r.peak_memory_gib.remote() for r in self.ranks], 60, "reading the learner ranks' memory")
+
     def save_checkpoint(self, folder: str) -> dict[str, str]:
         """Every rank writes its share of a checkpoint into `folder`; what it holds, for the manifest."""
         return self._all("save_checkpoint", [folder] * len(self.ranks), what=f"writing a checkpoint to {folder}")[0]

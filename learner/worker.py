@@ -319,6 +319,12 @@ class LearnerWorker:
         restore_rng_states(state["rng"])
         return self.step
 
+    def peak_memory_gib(self) -> float:
+        """This rank's peak resident memory since it started (Linux reports ru_maxrss in KiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
     def reference_model(self) -> str:
         return self.setup.ref_model_path or self.setup.model_path
 

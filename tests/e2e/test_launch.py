@@ -104,6 +104,7 @@ def test_ppo_run_end_to_end(tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dtype"] == resolve_dtype("auto", "cpu").dtype
+    assert len(summary["learner_peak_memory_gib"]) == 2 and all(0.1 < m < 20 for m in summary["learner_peak_memory_gib"])
     # 15 held-out prompts split 8 / 7 over two actors, 2 samples each: none lost.
     assert summary["before"]["eval_prompts"] == 15 and summary["before"]["eval_samples"] == 30
     final = Path(summary["final_checkpoint"])

@@ -56,7 +56,11 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    path: str | None = setting(None, "local Hugging Face model directory (or hub name); null builds the embedded tiny model")
+    path: str | None = setting(None, "local Hugging Face model directory (or hub name); null builds the embedded model "
+                               "named by model.embedded")
+    embedded: Literal["tiny", "small"] = setting(
+        "tiny", "the embedded Llama policy built (offline, cached) when model.path is null: tiny (~2.1M parameters, "
+        "tests and the demo) or small (77M: hidden 768, 12 layers; realistic step times, e.g. for benchmarks)")
     dtype: Literal["auto", "bfloat16", "float32"] = setting(
         "auto", "weights and compute dtype for vLLM and the learner; auto: bfloat16 where the device computes it "
         "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), float32 elsewhere")
@@ -272,6 +276,9 @@ def advisories(cfg: FlywheelConfig) -> list[str]:
     """Settings that run but probably do not do what their user meant; logged at start."""
     notes = []
     from flywheel.tasks import get_task
+
+    if cfg.model.path is not None and cfg.model.embedded != "tiny":
+        notes.append(f"model.embedded={cfg.model.embedded} is ignored: model.path={cfg.model.path} is set")
 
     task_rule = get_task(cfg.data.task).rule
     if cfg.reward.rule is not None and cfg.reward.rule != task_rule and cfg.reward.rule in ("synthetic_gold", "arithmetic_exact"):

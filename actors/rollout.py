@@ -358,6 +358,16 @@ class RolloutWorker:
         self._partial_version = None
         return self._policy_version
 
+    def engine_weights(self) -> dict[str, np.ndarray]:
+        """Every weight the engine computes with, by Hugging Face name, as float32
+        arrays (exact: fp32 and bf16 both widen losslessly).  Reads each linear
+        layer back through its own GEMM (`weight_receiver.engine_weights`), so it
+        costs a forward of an identity matrix per layer: for tests and checks."""
+        from actors.weight_receiver import engine_weights
+
+        weights = self._llm.collective_rpc(engine_weights)[0]
+        return {name: t.float().numpy() for name, t in weights.items()}
+
     def close_weight_transfer(self) -> None:
         """Leave the weight-transfer group (the engine keeps serving)."""
         if self._transfer_ready:

@@ -286,3 +286,46 @@ def check_update(
             "every update must carry the full policy"
         )
     return problems
+
+
+@torch.no_grad()
+def engine_weights(worker) -> dict[str, torch.Tensor]:
+    """Run through `LLM.collective_rpc`: every weight the engine computes with, under
+    its Hugging Face name and shape, in the engine's dtype.
+
+    On CPU the linear layers keep only a prepacked copy (oneDNN or sgl) and empty
+    their parameters, so each linear weight W (N, K) is read back through the
+    layer's own GEMM: eye(K) @ W^T multiplies each element by one and adds zeros,
+    which is exact in any float dtype.  Fused layers (qkv_proj, gate_up_proj) are
+    cut into their Hugging Face parts by `output_sizes`; every other parameter
+    (embeddings, lm_head, norms) is read as it is, the embeddings' rows cut back
+    from vLLM's padded vocabulary.  Tensor parallel size 1 only.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    model = worker.get_model()
+    packed = getattr(model, "packed_modules_mapping", {})
+    out: dict[str, torch.Tensor] = {}
+    linear_params: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase):
+            continue
+        linear_params.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
+        if getattr(module, "bias", None) is not None:
+            raise NotImplementedError(f"{name}: reading back a linear layer with a bias is not implemented")
+        eye = torch.eye(module.input_size, dtype=module.params_dtype)
+        weight = module.quant_method.apply(module, eye).t().contiguous()  # (N, K)
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in packed:
+            parts = weight.split(list(module.output_sizes), dim=0)
+            for part_name, part in zip(packed[leaf], parts, strict=True):
+                out[f"{prefix}.{part_name}.weight"] = part.clone()
+        else:
+            out[f"{name}.weight"] = weight
+    vocab_rows = {f"{name}.weight": m.org_vocab_size for name, m in model.named_modules()
+                  if isinstance(m, VocabParallelEmbedding)}
+    for name, param in model.named_parameters():
+        if name not in linear_params:
+            out[name] = param.detach()[: vocab_rows.get(name)].clone()
+    return out

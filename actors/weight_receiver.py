@@ -111,6 +111,11 @@ class TorchDistWeightTransferEngine(
         super().__init__(config, vllm_config, device, model)
         self.pg = None
         self.buffer_device = torch.device("cpu")
+        # CPU: one receive buffer per bucket, kept across updates (costs the model's
+        # bytes once more): fresh 64 MiB buffers spent much of a sync in page faults.
+        # Reuse is safe because loading copies every view into the engine's own
+        # parameters before receive_weights returns.  GPU: fresh buffers (memory is dearer).
+        self._buffers: list[torch.Tensor] = []
 
     def init_transfer_engine(self, init_info: TorchDistInitInfo) -> None:
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
@@ -182,7 +187,7 @@ class TorchDistWeightTransferEngine(
                     f"({code}, {nbytes}), expected ({HEADER_DATA}, {bucket.nbytes}); the "
                     "learner and the actors run different versions of flywheel/weight_buckets.py"
                 )
-            payload = torch.empty(nbytes, dtype=torch.uint8, device=self.buffer_device)
+            payload = self._receive_buffer(number, nbytes)
             self._broadcast(payload)
             if load_error is None:
                 weights = [
@@ -196,7 +201,8 @@ class TorchDistWeightTransferEngine(
                 ]
                 try:
                     # The layerwise wrappers keep these views until their layer is
-                    # complete; each bucket is a fresh buffer, so none is reused.
+                    # complete; each bucket has its own buffer, so none is overwritten
+                    # within an update.
                     self.model.load_weights(weights)
                 except Exception as exc:  # reported after draining, see docstring
                     load_error = exc
@@ -213,6 +219,16 @@ class TorchDistWeightTransferEngine(
                 f"loading the received weights into vLLM failed: {load_error!r}"
             ) from load_error
 
+    def _receive_buffer(self, number: int, nbytes: int) -> torch.Tensor:
+        """Bucket `number`'s buffer: kept from the last update on CPU, fresh on GPU."""
+        if self.buffer_device.type != "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.buffer_device)
+        if number == len(self._buffers):
+            self._buffers.append(torch.empty(0, dtype=torch.uint8))
+        if self._buffers[number].numel() != nbytes:
+            self._buffers[number] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[number]
+
     def _broadcast(self, tensor: torch.Tensor) -> None:
         broadcast_from_0(self.pg, tensor, self.buffer_device)
 
@@ -225,6 +241,7 @@ class TorchDistWeightTransferEngine(
 
             stateless_destroy_torch_distributed_process_group(self.pg)
             self.pg = None
+        self._buffers = []
 
 
 def register_engine() -> None:

@@ -96,13 +96,20 @@ class RolloutWorker:
         log-softmax, ignoring the sampling settings.
 
         `compile_cache_dir` (with `enforce_eager=False`): where torch.compile's
-        caches live, so that a later start reuses the compiled graphs. vLLM's CPU
-        backend compiles with stock torch.compile (Dynamo, then Inductor; its
-        own `compilation_config.cache_dir` is used only in the GPU's VLLM_COMPILE
-        mode), so this sets TORCHINDUCTOR_CACHE_DIR, whose default
-        (/tmp/torchinductor_$USER) does not outlive a reboot or a cleaned /tmp.
-        None: $TORCHINDUCTOR_CACHE_DIR if set, else `torchinductor` under the
-        flywheel cache ($FLYWHEEL_CACHE or ~/.cache/flywheel)."""
+        caches live, so that a later start reuses the compiled graphs.  vLLM
+        0.32's CPU backend compiles with stock torch.compile (mode
+        DYNAMO_TRACE_ONCE, backend "inductor").  Its AOT artifact
+        (VLLM_USE_AOT_COMPILE, on by default with torch >= 2.10, saved under
+        ~/.cache/vllm/torch_compile_cache/torch_aot_compile) never loads back on
+        CPU ("'function' object has no attribute 'finalize_loading'": the loader
+        expects the GPU mode's backend), so every start compiled again.  On CPU
+        the actor therefore turns AOT off (unless VLLM_USE_AOT_COMPILE is set)
+        and Inductor's own FX-graph and AOTAutograd caches, in
+        TORCHINDUCTOR_CACHE_DIR, are reused instead: Dynamo still traces at each
+        start, Inductor's code generation and C++ builds are skipped.  Their
+        default directory (/tmp/torchinductor_$USER) does not outlive a cleaned
+        /tmp.  None: $TORCHINDUCTOR_CACHE_DIR if set, else `torchinductor` under
+        the flywheel cache ($FLYWHEEL_CACHE or ~/.cache/flywheel)."""
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {dtype!r}")
         if device not in ("cpu", "cuda"):
@@ -113,6 +120,7 @@ class RolloutWorker:
         if device == "cpu":
             # vLLM wants whole GiB; round up so a small fractional setting still starts.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see compile_cache_dir above
         from vllm import LLM
         from vllm.platforms import current_platform
 

@@ -88,7 +88,9 @@ class RolloutConfig:
     temperature: float = setting(1.0, "sampling temperature", gt=0)
     top_p: float = setting(1.0, "nucleus sampling mass; 1 disables", gt=0, max=1)
     top_k: int = setting(0, "sample among the k most likely tokens; 0 disables", min=0)
-    enforce_eager: bool = setting(True, "skip torch.compile in vLLM (compiling costs ~40 s at start, pays off for big models)")
+    enforce_eager: bool = setting(
+        True, "skip torch.compile in vLLM; false compiles at start (tens of seconds the first time on a machine, "
+        "less once torch's compile cache under the flywheel cache holds the graphs), faster for big models")
     kv_cache_gib: float = setting(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
     gpu_memory_utilization: float = setting(0.4, "fraction of GPU memory per engine on cuda", gt=0, max=1)
     start_timeout_s: float = setting(300.0, "deadline for an actor's vLLM engine to start", gt=0)

@@ -37,7 +37,7 @@ import tempfile
 import time
 import traceback
 
-from common import write_result
+from common import load_average, write_result
 
 from flywheel.hardware import actor_threads, read_cpu_info
 
@@ -280,10 +280,12 @@ def main() -> int:
     torch.set_num_threads(threads)
     dtype = resolve_dtype(load_cfg(args, "tiny").model.dtype, "cpu", cpu)
     print(f"{cpu.kind}, {cpu.cores} cores: {dtype.reason} {threads} threads")
+    load_start = load_average("at the start")
     results = {m: bench_model(args, m, dtype.dtype, threads) for m in args.models.split(",")}
     print_table(results)
     write_result(args.json, {"benchmark": "rollout", "quick": args.quick, "dtype_reason": dtype.reason,
-                             "config": args.config, "overrides": args.override, "models": results})
+                             "config": args.config, "overrides": args.override, "models": results,
+                             "load_average": {"start": load_start, "end": load_average("at the end")}})
     return 0
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 import traceback
 
-from common import write_result
+from common import load_average, write_result
 
 from flywheel.hardware import actor_threads
 
@@ -205,6 +205,7 @@ def main() -> int:
     torch.set_num_threads(learner_t)
     path = ensure_embedded_model("policy", embedded_spec(args.model))
     print(f"{dtype.reason} actor threads {actor_t}, learner threads {learner_t}, bucket {cfg.sync.bucket_mb} MiB")
+    load_start = load_average("at the start")
     memcpy_s, nbytes, params = memcpy_seconds(path, dtype.dtype)
     report = {"benchmark": "weight_sync", "quick": args.quick, "model": args.model, "params": params,
               "bytes": nbytes, "dtype": dtype.dtype, "bucket_mb": cfg.sync.bucket_mb, "memcpy_s": memcpy_s,
@@ -221,6 +222,7 @@ def main() -> int:
               f"{r['sync_over_memcpy']:>7.1f} {r['gb_per_s']:>6.2f}  {phases}")
     report.update({k: report["actors"]["1"][k] for k in ("sync_s", "sync_over_memcpy", "gb_per_s")}
                   if "1" in report["actors"] else {})
+    report["load_average"] = {"start": load_start, "end": load_average("at the end")}
     write_result(args.json, report)
     return 0
 

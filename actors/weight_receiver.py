@@ -37,6 +37,8 @@ Imports vllm: only rollout-actor processes import this module.
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -160,6 +162,12 @@ class TorchDistWeightTransferEngine(
     def receive_weights(self, update_info: TorchDistUpdateInfo) -> None:
         """Steps 2-4: receive every bucket, load it, acknowledge.
 
+        A helper thread receives (`_receive_buckets`) while this one loads, so
+        bucket k+1 crosses the wire while bucket k goes through vLLM's reload
+        (whose CPU weight repacking is the larger half of a sync); the thread
+        runs at most one bucket ahead.  Only the thread touches the group until
+        it has finished; the ack comes after.
+
         A load error does not stop the receiving: the remaining buckets are
         drained so the learner is not left blocking, and the ack tells it this
         actor failed.  On any failure the layerwise reload is finalised before
@@ -169,55 +177,83 @@ class TorchDistWeightTransferEngine(
         if self.pg is None:
             raise RuntimeError("weight transfer group not initialised: call init_weight_transfer first")
         specs = update_info.specs()
+        buckets = plan_buckets(specs, update_info.bucket_bytes)
+        arrivals: queue.Queue = queue.Queue(maxsize=1)
+        receiver = threading.Thread(target=self._receive_buckets, args=(buckets, arrivals),
+                                    name="flywheel-weight-receive", daemon=True)
+        receiver.start()
         load_error: BaseException | None = None
-        header = torch.empty(2, dtype=torch.int64, device=self.buffer_device)
-        for number, bucket in enumerate(plan_buckets(specs, update_info.bucket_bytes)):
-            self._broadcast(header)
-            code, nbytes = (int(v) for v in header.tolist())
-            if code == HEADER_ABORT:
+        while True:
+            kind, item = arrivals.get()
+            if kind == "error":
+                receiver.join()
                 self.finish_weight_update()
-                raise WeightUpdateAborted(
-                    f"the learner aborted the weight update at bucket {number}; see its "
-                    "error. This actor now holds a partial update: send the weights again"
-                )
-            if code != HEADER_DATA or nbytes != bucket.nbytes:
-                self.finish_weight_update()
-                raise RuntimeError(
-                    f"weight-sync protocol mismatch at bucket {number}: got header "
-                    f"({code}, {nbytes}), expected ({HEADER_DATA}, {bucket.nbytes}); the "
-                    "learner and the actors run different versions of flywheel/weight_buckets.py"
-                )
-            payload = self._receive_buffer(number, nbytes)
-            self._broadcast(payload)
+                raise item
+            if kind == "end":
+                break
             if load_error is None:
-                weights = [
-                    (
-                        specs[s.index].name,
-                        payload[s.offset : s.offset + s.nbytes]
-                        .view(getattr(torch, specs[s.index].dtype))
-                        .view(specs[s.index].shape),
-                    )
-                    for s in bucket.slots
-                ]
+                number, payload = item
                 try:
+                    weights = [
+                        (
+                            specs[s.index].name,
+                            payload[s.offset : s.offset + s.nbytes]
+                            .view(getattr(torch, specs[s.index].dtype))
+                            .view(specs[s.index].shape),
+                        )
+                        for s in buckets[number].slots
+                    ]
                     # The layerwise wrappers keep these views until their layer is
                     # complete; each bucket has its own buffer, so none is overwritten
                     # within an update.
                     self.model.load_weights(weights)
                 except Exception as exc:  # reported after draining, see docstring
                     load_error = exc
-        self._broadcast(header)
-        if int(header[0]) == HEADER_ABORT:
-            self.finish_weight_update()
-            raise WeightUpdateAborted(
-                "the learner aborted the weight update after its last bucket; see its error"
-            )
+        receiver.join()
         self._max_all_ranks(int(load_error is not None))
         if load_error is not None:
             self.finish_weight_update()
             raise RuntimeError(
                 f"loading the received weights into vLLM failed: {load_error!r}"
             ) from load_error
+
+    def _receive_buckets(self, buckets: list, arrivals: queue.Queue) -> None:
+        """The helper thread of `receive_weights`: each bucket's header and payload,
+        handed over as ("bucket", (number, payload)); then ("end", None) after the
+        DONE header, or ("error", exception) on an ABORT, a mismatch or a failed
+        collective."""
+        try:
+            if self.buffer_device.type == "cuda":
+                torch.cuda.set_device(self.buffer_device)  # the current device is per thread
+            header = torch.empty(2, dtype=torch.int64, device=self.buffer_device)
+            for number, bucket in enumerate(buckets):
+                self._broadcast(header)
+                code, nbytes = (int(v) for v in header.tolist())
+                if code == HEADER_ABORT:
+                    arrivals.put(("error", WeightUpdateAborted(
+                        f"the learner aborted the weight update at bucket {number}; see its "
+                        "error. This actor now holds a partial update: send the weights again"
+                    )))
+                    return
+                if code != HEADER_DATA or nbytes != bucket.nbytes:
+                    arrivals.put(("error", RuntimeError(
+                        f"weight-sync protocol mismatch at bucket {number}: got header "
+                        f"({code}, {nbytes}), expected ({HEADER_DATA}, {bucket.nbytes}); the "
+                        "learner and the actors run different versions of flywheel/weight_buckets.py"
+                    )))
+                    return
+                payload = self._receive_buffer(number, nbytes)
+                self._broadcast(payload)
+                arrivals.put(("bucket", (number, payload)))
+            self._broadcast(header)
+            if int(header[0]) == HEADER_ABORT:
+                arrivals.put(("error", WeightUpdateAborted(
+                    "the learner aborted the weight update after its last bucket; see its error"
+                )))
+                return
+            arrivals.put(("end", None))
+        except BaseException as exc:  # a timed-out or broken collective: the loader raises it
+            arrivals.put(("error", exc))
 
     def _receive_buffer(self, number: int, nbytes: int) -> torch.Tensor:
         """Bucket `number`'s buffer: kept from the last update on CPU, fresh on GPU."""

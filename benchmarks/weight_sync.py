@@ -13,8 +13,10 @@ them (`actor_threads`: one per actor and for the learner by default).
 broadcast, loaded into vLLM, acknowledged), after one warm-up update;
 `memcpy_s` the median time of one `copy_` of the flattened weights (same bytes)
 into a preallocated buffer on the learner's threads.  The actors also report
-where their time went: waiting in the broadcasts, `load_weights`, and the
-layerwise reload's finalisation (which repacks the CPU GEMM weights).
+where their time went: in the broadcasts (the receiving thread), in
+`load_weights` (which also repacks each completed layer's CPU GEMM weights),
+and in the layerwise reload's start and finish; the first two overlap, so
+they add up to more than `receive`.
 
     python benchmarks/weight_sync.py --json benchmarks/results/weight_sync.json
     python benchmarks/weight_sync.py --quick --json /tmp/weight_sync_quick.json   # tiny model, one repeat

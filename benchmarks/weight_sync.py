@@ -49,6 +49,7 @@ def _actor_main(kwargs: dict, port: int, rank: int, world: int, commands, result
 
         worker = RolloutWorker(**kwargs)
         _time_receive_phases(worker)
+        results.put(("started", None))  # the group forms once every engine is up, as the driver does
         worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world, backend="gloo",
                                     timeout_s=TIMEOUT_S)
         results.put(("ready", None))
@@ -115,6 +116,8 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int) -> dict:
         proc.start()
     sender = WeightSender("gloo")
     try:
+        for _, results in links:
+            _get(results, "started")
         sender.init_group("127.0.0.1", port, world_size=world, timeout_s=TIMEOUT_S)
         for _, results in links:
             _get(results, "ready")

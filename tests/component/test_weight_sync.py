@@ -28,6 +28,7 @@ from flywheel.net import free_port
 from flywheel.weight_buckets import plan_buckets
 
 TIMEOUT_S = 60.0  # every group collective and every queue wait
+START_TIMEOUT_S = 300.0  # an actor process importing vLLM and starting its engine, on a busy machine
 BUCKET_BYTES = 300_000  # embed (1 MiB) and MLP weights (768 KiB) exceed it; norms share buckets
 ATOL = 1e-4  # fp32 engine against fp32 transformers
 
@@ -88,8 +89,8 @@ def _sender_main(model_path: str, port: int, commands, results) -> None:
         results.put(("crashed", traceback.format_exc()))
 
 
-def _get(results, expected: str):
-    kind, payload = results.get(timeout=TIMEOUT_S)
+def _get(results, expected: str, timeout_s: float = TIMEOUT_S):
+    kind, payload = results.get(timeout=timeout_s)
     assert kind == expected, f"sender answered {kind}: {payload}"
     return payload
 
@@ -217,6 +218,7 @@ def _actor_main(model_path: str, port: int, rank: int, world_size: int, commands
         from actors.rollout import RolloutWorker
 
         worker = RolloutWorker(model_path, dtype="float32", max_model_len=128, seed=0, kv_cache_gib=1)
+        results.put(("started", None))  # the group forms once every engine is up, as the driver does
         worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world_size, backend="gloo",
                                     timeout_s=TIMEOUT_S)
         while True:
@@ -252,6 +254,8 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path):
         proc.start()
     sender = WeightSender("gloo")
     try:
+        for _, results in links:
+            _get(results, "started", START_TIMEOUT_S)
         sender.init_group("127.0.0.1", port, world_size=world, timeout_s=TIMEOUT_S)
         for commands, _ in links:
             commands.put(("read", None))

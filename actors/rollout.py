@@ -63,6 +63,14 @@ class _RotaryCacheNotice(logging.Filter):
         return record.getMessage() != "RotaryEmbedding: Failed to load weights"
 
 
+def default_compile_cache_dir() -> str:
+    """torch.compile's cache of the rollout engines: $TORCHINDUCTOR_CACHE_DIR if set,
+    else `torchinductor` under the flywheel cache, which outlives /tmp."""
+    from flywheel.tiny_model import default_cache_root
+
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(default_cache_root() / "torchinductor")
+
+
 class RolloutWorker:
     """One vLLM engine generating rollouts for the driver; weights versioned."""
 
@@ -78,21 +86,41 @@ class RolloutWorker:
         gpu_memory_utilization: float = 0.4,
         device: str = "cpu",
         logprobs_mode: str = "processed_logprobs",
+        compile_cache_dir: str | None = None,
+        enable_prefix_caching: bool = True,
     ):
         """`logprobs_mode`: vLLM's "processed_logprobs" (default) reports the
         logprob of each sampled token under the distribution it was drawn from
         (after temperature, top-k and top-p), which is what the learner
         recomputes (`learner.sampling`); "raw_logprobs" reports the model's own
-        log-softmax, ignoring the sampling settings."""
+        log-softmax, ignoring the sampling settings.
+
+        `compile_cache_dir` (with `enforce_eager=False`): where torch.compile's
+        caches live, so that a later start reuses the compiled graphs.  vLLM
+        0.32's CPU backend compiles with stock torch.compile (mode
+        DYNAMO_TRACE_ONCE, backend "inductor").  Its AOT artifact
+        (VLLM_USE_AOT_COMPILE, on by default with torch >= 2.10, saved under
+        ~/.cache/vllm/torch_compile_cache/torch_aot_compile) never loads back on
+        CPU ("'function' object has no attribute 'finalize_loading'": the loader
+        expects the GPU mode's backend), so every start compiled again.  On CPU
+        the actor therefore turns AOT off (unless VLLM_USE_AOT_COMPILE is set)
+        and Inductor's own FX-graph and AOTAutograd caches, in
+        TORCHINDUCTOR_CACHE_DIR, are reused instead: Dynamo still traces at each
+        start, Inductor's code generation and C++ builds are skipped.  Their
+        default directory (/tmp/torchinductor_$USER) does not outlive a cleaned
+        /tmp.  None: $TORCHINDUCTOR_CACHE_DIR if set, else `torchinductor` under
+        the flywheel cache ($FLYWHEEL_CACHE or ~/.cache/flywheel)."""
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {dtype!r}")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"run.device must be 'cpu' or 'cuda', got {device!r}")
         # vLLM reads these when imported / when the engine starts.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir or default_compile_cache_dir()
         if device == "cpu":
             # vLLM wants whole GiB; round up so a small fractional setting still starts.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see compile_cache_dir above
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -117,6 +145,7 @@ class RolloutWorker:
             max_model_len=max_model_len,
             seed=seed,
             enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
             logprobs_mode=logprobs_mode,
             weight_transfer_config={"backend": ENGINE_NAME},
             **kwargs,
@@ -145,6 +174,7 @@ class RolloutWorker:
         top_p: float,
         top_k: int = 0,
         n: int = 1,
+        min_new_tokens: int = 0,
     ) -> Rollout:
         """Sample `n` completions per prompt; sequence i*n + j is prompt i's j-th.
 
@@ -152,7 +182,10 @@ class RolloutWorker:
         under the engine's current weights (see `logprobs_mode`).  With
         `batch.seeds` (B, n) every sample draws from its own seeded stream, so
         the call is reproducible; without, the engine's seeded stream is used.
-        `top_k` 0 disables top-k.
+        `top_k` 0 disables top-k.  `min_new_tokens` masks the end-of-sequence
+        token until that many tokens are out (vLLM's `min_tokens`); benchmarks set
+        it to `max_new_tokens` to count fixed-length sequences.  The learner does
+        not model that mask, so training runs leave it at 0.
         """
         from vllm import SamplingParams
 
@@ -178,6 +211,7 @@ class RolloutWorker:
                     top_p=top_p,
                     top_k=top_k,
                     max_tokens=max_new_tokens,
+                    min_tokens=min_new_tokens,
                     seed=None if seeds is None else int(seeds[i, j]),
                     logprobs=0,  # 0 extra candidates: just the sampled token's logprob
                     # Decoded once below: vLLM's incremental detokenizer drops a trailing
@@ -357,6 +391,16 @@ class RolloutWorker:
         self._policy_version = meta.version
         self._partial_version = None
         return self._policy_version
+
+    def engine_weights(self) -> dict[str, np.ndarray]:
+        """Every weight the engine computes with, by Hugging Face name, as float32
+        arrays (exact: fp32 and bf16 both widen losslessly).  Reads each linear
+        layer back through its own GEMM (`weight_receiver.engine_weights`), so it
+        costs a forward of an identity matrix per layer: for tests and checks."""
+        from actors.weight_receiver import engine_weights
+
+        weights = self._llm.collective_rpc(engine_weights)[0]
+        return {name: t.float().numpy() for name, t in weights.items()}
 
     def close_weight_transfer(self) -> None:
         """Leave the weight-transfer group (the engine keeps serving)."""

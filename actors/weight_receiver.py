@@ -37,6 +37,8 @@ Imports vllm: only rollout-actor processes import this module.
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -111,6 +113,11 @@ class TorchDistWeightTransferEngine(
         super().__init__(config, vllm_config, device, model)
         self.pg = None
         self.buffer_device = torch.device("cpu")
+        # CPU: one receive buffer per bucket, kept across updates (costs the model's
+        # bytes once more): fresh 64 MiB buffers spent much of a sync in page faults.
+        # Reuse is safe because loading copies every view into the engine's own
+        # parameters before receive_weights returns.  GPU: fresh buffers (memory is dearer).
+        self._buffers: list[torch.Tensor] = []
 
     def init_transfer_engine(self, init_info: TorchDistInitInfo) -> None:
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
@@ -155,6 +162,12 @@ class TorchDistWeightTransferEngine(
     def receive_weights(self, update_info: TorchDistUpdateInfo) -> None:
         """Steps 2-4: receive every bucket, load it, acknowledge.
 
+        A helper thread receives (`_receive_buckets`) while this one loads, so
+        bucket k+1 crosses the wire while bucket k goes through vLLM's reload
+        (whose CPU weight repacking is the larger half of a sync); the thread
+        runs at most one bucket ahead.  Only the thread touches the group until
+        it has finished; the ack comes after.
+
         A load error does not stop the receiving: the remaining buckets are
         drained so the learner is not left blocking, and the ack tells it this
         actor failed.  On any failure the layerwise reload is finalised before
@@ -164,54 +177,93 @@ class TorchDistWeightTransferEngine(
         if self.pg is None:
             raise RuntimeError("weight transfer group not initialised: call init_weight_transfer first")
         specs = update_info.specs()
+        buckets = plan_buckets(specs, update_info.bucket_bytes)
+        arrivals: queue.Queue = queue.Queue(maxsize=1)
+        receiver = threading.Thread(target=self._receive_buckets, args=(buckets, arrivals),
+                                    name="flywheel-weight-receive", daemon=True)
+        receiver.start()
         load_error: BaseException | None = None
-        header = torch.empty(2, dtype=torch.int64, device=self.buffer_device)
-        for number, bucket in enumerate(plan_buckets(specs, update_info.bucket_bytes)):
-            self._broadcast(header)
-            code, nbytes = (int(v) for v in header.tolist())
-            if code == HEADER_ABORT:
+        while True:
+            kind, item = arrivals.get()
+            if kind == "error":
+                receiver.join()
                 self.finish_weight_update()
-                raise WeightUpdateAborted(
-                    f"the learner aborted the weight update at bucket {number}; see its "
-                    "error. This actor now holds a partial update: send the weights again"
-                )
-            if code != HEADER_DATA or nbytes != bucket.nbytes:
-                self.finish_weight_update()
-                raise RuntimeError(
-                    f"weight-sync protocol mismatch at bucket {number}: got header "
-                    f"({code}, {nbytes}), expected ({HEADER_DATA}, {bucket.nbytes}); the "
-                    "learner and the actors run different versions of flywheel/weight_buckets.py"
-                )
-            payload = torch.empty(nbytes, dtype=torch.uint8, device=self.buffer_device)
-            self._broadcast(payload)
+                raise item
+            if kind == "end":
+                break
             if load_error is None:
-                weights = [
-                    (
-                        specs[s.index].name,
-                        payload[s.offset : s.offset + s.nbytes]
-                        .view(getattr(torch, specs[s.index].dtype))
-                        .view(specs[s.index].shape),
-                    )
-                    for s in bucket.slots
-                ]
+                number, payload = item
                 try:
+                    weights = [
+                        (
+                            specs[s.index].name,
+                            payload[s.offset : s.offset + s.nbytes]
+                            .view(getattr(torch, specs[s.index].dtype))
+                            .view(specs[s.index].shape),
+                        )
+                        for s in buckets[number].slots
+                    ]
                     # The layerwise wrappers keep these views until their layer is
-                    # complete; each bucket is a fresh buffer, so none is reused.
+                    # complete; each bucket has its own buffer, so none is overwritten
+                    # within an update.
                     self.model.load_weights(weights)
                 except Exception as exc:  # reported after draining, see docstring
                     load_error = exc
-        self._broadcast(header)
-        if int(header[0]) == HEADER_ABORT:
-            self.finish_weight_update()
-            raise WeightUpdateAborted(
-                "the learner aborted the weight update after its last bucket; see its error"
-            )
+        receiver.join()
         self._max_all_ranks(int(load_error is not None))
         if load_error is not None:
             self.finish_weight_update()
             raise RuntimeError(
                 f"loading the received weights into vLLM failed: {load_error!r}"
             ) from load_error
+
+    def _receive_buckets(self, buckets: list, arrivals: queue.Queue) -> None:
+        """The helper thread of `receive_weights`: each bucket's header and payload,
+        handed over as ("bucket", (number, payload)); then ("end", None) after the
+        DONE header, or ("error", exception) on an ABORT, a mismatch or a failed
+        collective."""
+        try:
+            if self.buffer_device.type == "cuda":
+                torch.cuda.set_device(self.buffer_device)  # the current device is per thread
+            header = torch.empty(2, dtype=torch.int64, device=self.buffer_device)
+            for number, bucket in enumerate(buckets):
+                self._broadcast(header)
+                code, nbytes = (int(v) for v in header.tolist())
+                if code == HEADER_ABORT:
+                    arrivals.put(("error", WeightUpdateAborted(
+                        f"the learner aborted the weight update at bucket {number}; see its "
+                        "error. This actor now holds a partial update: send the weights again"
+                    )))
+                    return
+                if code != HEADER_DATA or nbytes != bucket.nbytes:
+                    arrivals.put(("error", RuntimeError(
+                        f"weight-sync protocol mismatch at bucket {number}: got header "
+                        f"({code}, {nbytes}), expected ({HEADER_DATA}, {bucket.nbytes}); the "
+                        "learner and the actors run different versions of flywheel/weight_buckets.py"
+                    )))
+                    return
+                payload = self._receive_buffer(number, nbytes)
+                self._broadcast(payload)
+                arrivals.put(("bucket", (number, payload)))
+            self._broadcast(header)
+            if int(header[0]) == HEADER_ABORT:
+                arrivals.put(("error", WeightUpdateAborted(
+                    "the learner aborted the weight update after its last bucket; see its error"
+                )))
+                return
+            arrivals.put(("end", None))
+        except BaseException as exc:  # a timed-out or broken collective: the loader raises it
+            arrivals.put(("error", exc))
+
+    def _receive_buffer(self, number: int, nbytes: int) -> torch.Tensor:
+        """Bucket `number`'s buffer: kept from the last update on CPU, fresh on GPU."""
+        if self.buffer_device.type != "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.buffer_device)
+        if number == len(self._buffers):
+            self._buffers.append(torch.empty(0, dtype=torch.uint8))
+        if self._buffers[number].numel() != nbytes:
+            self._buffers[number] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[number]
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         broadcast_from_0(self.pg, tensor, self.buffer_device)
@@ -225,6 +277,7 @@ class TorchDistWeightTransferEngine(
 
             stateless_destroy_torch_distributed_process_group(self.pg)
             self.pg = None
+        self._buffers = []
 
 
 def register_engine() -> None:
@@ -286,3 +339,46 @@ def check_update(
             "every update must carry the full policy"
         )
     return problems
+
+
+@torch.no_grad()
+def engine_weights(worker) -> dict[str, torch.Tensor]:
+    """Run through `LLM.collective_rpc`: every weight the engine computes with, under
+    its Hugging Face name and shape, in the engine's dtype.
+
+    On CPU the linear layers keep only a prepacked copy (oneDNN or sgl) and empty
+    their parameters, so each linear weight W (N, K) is read back through the
+    layer's own GEMM: eye(K) @ W^T multiplies each element by one and adds zeros,
+    which is exact in any float dtype.  Fused layers (qkv_proj, gate_up_proj) are
+    cut into their Hugging Face parts by `output_sizes`; every other parameter
+    (embeddings, lm_head, norms) is read as it is, the embeddings' rows cut back
+    from vLLM's padded vocabulary.  Tensor parallel size 1 only.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    model = worker.get_model()
+    packed = getattr(model, "packed_modules_mapping", {})
+    out: dict[str, torch.Tensor] = {}
+    linear_params: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase):
+            continue
+        linear_params.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
+        if getattr(module, "bias", None) is not None:
+            raise NotImplementedError(f"{name}: reading back a linear layer with a bias is not implemented")
+        eye = torch.eye(module.input_size, dtype=module.params_dtype)
+        weight = module.quant_method.apply(module, eye).t().contiguous()  # (N, K)
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in packed:
+            parts = weight.split(list(module.output_sizes), dim=0)
+            for part_name, part in zip(packed[leaf], parts, strict=True):
+                out[f"{prefix}.{part_name}.weight"] = part.clone()
+        else:
+            out[f"{name}.weight"] = weight
+    vocab_rows = {f"{name}.weight": m.org_vocab_size for name, m in model.named_modules()
+                  if isinstance(m, VocabParallelEmbedding)}
+    for name, param in model.named_parameters():
+        if name not in linear_params:
+            out[name] = param.detach()[: vocab_rows.get(name)].clone()
+    return out

@@ -4,6 +4,7 @@ result JSON that carries the machine report of where it was measured."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,12 @@ def write_result(path: str | Path, report: dict) -> Path:
     out.write_text(json.dumps({**report, "machine": machine_report()}, indent=2))
     print(f"wrote {out}")
     return out
+
+
+def load_average(when: str) -> list[float]:
+    """The 1-, 5- and 15-minute load averages, with a warning when other work is running: with
+    every core's OpenMP threads in use, one busy core can slow a parallel region many times over."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    if load[0] > 0.5:
+        print(f"warning: load average {load} {when}: other processes are running; timings are unreliable")
+    return load

@@ -57,7 +57,11 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    path: str | None = setting(None, "local Hugging Face model directory (or hub name); null builds the embedded tiny model")
+    path: str | None = setting(None, "local Hugging Face model directory (or hub name); null builds the embedded model "
+                               "named by model.embedded")
+    embedded: Literal["tiny", "small"] = setting(
+        "tiny", "the embedded Llama policy built (offline, cached) when model.path is null: tiny (~2.1M parameters, "
+        "tests and the demo) or small (77M: hidden 768, 12 layers; realistic step times, e.g. for benchmarks)")
     dtype: Literal["auto", "bfloat16", "float32"] = setting(
         "auto", "weights and compute dtype for vLLM and the learner; auto: bfloat16 where the device computes it "
         "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), float32 elsewhere")
@@ -85,7 +89,9 @@ class RolloutConfig:
     temperature: float = setting(1.0, "sampling temperature", gt=0)
     top_p: float = setting(1.0, "nucleus sampling mass; 1 disables", gt=0, max=1)
     top_k: int = setting(0, "sample among the k most likely tokens; 0 disables", min=0)
-    enforce_eager: bool = setting(True, "skip torch.compile in vLLM (compiling costs ~40 s at start, pays off for big models)")
+    enforce_eager: bool = setting(
+        True, "skip torch.compile in vLLM; false compiles at start (tens of seconds the first time on a machine, "
+        "less once torch's compile cache under the flywheel cache holds the graphs), faster for big models")
     kv_cache_gib: float = setting(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
     gpu_memory_utilization: float = setting(0.4, "fraction of GPU memory per engine on cuda", gt=0, max=1)
     start_timeout_s: float = setting(300.0, "deadline for an actor's vLLM engine to start", gt=0)
@@ -277,6 +283,9 @@ def advisories(cfg: FlywheelConfig) -> list[str]:
     """Settings that run but probably do not do what their user meant; logged at start."""
     notes = []
     from flywheel.tasks import get_task
+
+    if cfg.model.path is not None and cfg.model.embedded != "tiny":
+        notes.append(f"model.embedded={cfg.model.embedded} is ignored: model.path={cfg.model.path} is set")
 
     task_rule = get_task(cfg.data.task).rule
     if cfg.reward.rule is not None and cfg.reward.rule != task_rule and cfg.reward.rule in ("synthetic_gold", "arithmetic_exact"):

@@ -125,9 +125,9 @@ def _check_reward_reachable(cfg: FlywheelConfig) -> None:
 def resolve_model(cfg: FlywheelConfig) -> str:
     if cfg.model.path is not None:
         return cfg.model.path
-    from flywheel.tiny_model import ensure_embedded_model
+    from flywheel.tiny_model import embedded_spec, ensure_embedded_model
 
-    return str(ensure_embedded_model("policy"))
+    return str(ensure_embedded_model("policy", embedded_spec(cfg.model.embedded)))
 
 
 def start_ray(cfg: FlywheelConfig, stack: ExitStack) -> None:

@@ -84,6 +84,21 @@ def _threads_env(num_threads: int | None) -> dict | None:
     return None if num_threads is None else {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}}
 
 
+def rollout_worker_kwargs(cfg: FlywheelConfig, model_path: str, dtype: str, i: int) -> dict[str, Any]:
+    """How rollout actor i's engine is built from the config (also used by benchmarks/rollout.py)."""
+    r = cfg.rollout
+    return dict(model_path=model_path, actor_rank=i, dtype=dtype, max_model_len=cfg.model.max_model_len,
+                seed=cfg.run.seed + i, enforce_eager=r.enforce_eager, kv_cache_gib=r.kv_cache_gib,
+                gpu_memory_utilization=r.gpu_memory_utilization, device=cfg.run.device)
+
+
+def generate_kwargs(cfg: FlywheelConfig) -> dict[str, Any]:
+    """The sampling settings of `RolloutWorker.generate`, straight from the config."""
+    r = cfg.rollout
+    return dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                n=r.samples_per_prompt)
+
+
 class Generation(NamedTuple):
     """A batch handed to the rollout actors: each actor's part and pending call, and their deadline."""
 
@@ -121,17 +136,7 @@ class RolloutGroup:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg,
                                                                  placement_group_bundle_index=self.first_bundle + i),
             runtime_env=_threads_env(r.num_threads),
-        ).remote(
-            model_path=self.model_path,
-            actor_rank=i,
-            dtype=self.dtype,
-            max_model_len=self.cfg.model.max_model_len,
-            seed=self.cfg.run.seed + i,
-            enforce_eager=r.enforce_eager,
-            kv_cache_gib=r.kv_cache_gib,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            device=self.cfg.run.device,
-        )
+        ).remote(**rollout_worker_kwargs(self.cfg, self.model_path, self.dtype, i))
 
     def generate(self, batch: PromptBatch) -> Rollout:
         """Split the prompts as evenly as possible over the actors; one Rollout in prompt order.
@@ -172,9 +177,7 @@ class RolloutGroup:
         return out
 
     def _generate_on(self, i: int, part: PromptBatch):
-        r = self.cfg.rollout
-        return self.actors[i].generate.remote(part, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                              top_p=r.top_p, top_k=r.top_k, n=r.samples_per_prompt)
+        return self.actors[i].generate.remote(part, **generate_kwargs(self.cfg))
 
     def _replace(self, i: int, exc: Exception, restarts: int, prompts: int) -> None:
         """A new actor i in the dead one's bundle, with the current weights."""

@@ -1,4 +1,9 @@
-"""The embedded default model: a tiny Llama policy and BPE tokenizer built offline.
+"""The embedded models: Llama policies and a BPE tokenizer built offline.
+
+Two shapes, chosen by name (`EMBEDDED_MODELS`, the config's `model.embedded`):
+"tiny" (about 2.1M parameters, the default for tests and the demo) and "small"
+(77,064,960 parameters: hidden 768, 12 layers, 12 heads of 64, 4 KV heads,
+MLP 2048), for benchmarks and realistic step times without a download.
 
 Nothing is downloaded. The tokenizer is a byte-level BPE trained on
 `synthetic_task.corpus_lines`, so every task word is one token (with its
@@ -65,10 +70,37 @@ class TinyModelSpec:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def num_parameters(self, vocab: int) -> int:
+        """Parameters of the policy built from this spec with a `vocab`-token tokenizer,
+        from the shapes alone (no weights built); `count_parameters` counts a built one.
+
+        Per layer: q and o (hidden x hidden), k and v (hidden x kv_heads*head_dim),
+        gate, up and down (hidden x intermediate), two RMSNorm scales; plus the
+        embedding and the untied lm_head (vocab x hidden each) and the final norm.
+        """
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h
+        return self.num_layers * layer + 2 * vocab * h + h
+
     def cache_key(self, kind: str) -> str:
         """Directory name of a build: kind plus a hash of the spec and CODE_VERSION."""
         blob = json.dumps({"spec": asdict(self), "kind": kind, "code": CODE_VERSION}, sort_keys=True)
         return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+# The embedded policies by name; `model.embedded` in the run config picks one.
+EMBEDDED_MODELS: dict[str, TinyModelSpec] = {
+    "tiny": TinyModelSpec(),
+    # The shape of the issue-8 measurements: 77,064,960 parameters with the 1008-token tokenizer.
+    "small": TinyModelSpec(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2048),
+}
+
+
+def embedded_spec(name: str) -> TinyModelSpec:
+    """The spec of the embedded model called `name` ("tiny" or "small")."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"model.embedded must be one of {', '.join(EMBEDDED_MODELS)}, got {name!r}")
+    return EMBEDDED_MODELS[name]
 
 
 # -------------------------------------------------------------------------------- tokenizer
@@ -243,7 +275,7 @@ def ensure_embedded_model(
     # Same filesystem as `final`, so the rename below is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     t0 = time.perf_counter()
-    log.info("building embedded tiny %s model into %s", kind, final)
+    log.info("building embedded %s model into %s", kind, final)
     try:
         _BUILDERS[kind](tmp, spec)
         # mkdtemp and safetensors make owner-only entries; the cache is meant to be shared.
@@ -259,12 +291,15 @@ def ensure_embedded_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("built embedded tiny %s model in %.1f s: %s", kind, time.perf_counter() - t0, final)
+    log.info("built embedded %s model in %.1f s: %s", kind, time.perf_counter() - t0, final)
     return str(final)
 
 
 if __name__ == "__main__":
+    import sys
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = embedded_spec(sys.argv[1] if len(sys.argv) > 1 else "tiny")
     for kind in ("policy", "reward"):
-        path = ensure_embedded_model(kind)
+        path = ensure_embedded_model(kind, spec)
         print(f"{kind}: {path} ({count_parameters(path):,} parameters)")

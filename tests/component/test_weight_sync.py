@@ -5,7 +5,9 @@ A `RolloutWorker` (real vLLM engine, fp32) runs in the test process; a
 gloo group on 127.0.0.1.  The sender loads the embedded tiny policy in
 transformers, adds seeded noise to every weight and sends it in small buckets
 (several tensors per bucket, and tensors larger than a bucket).  After each
-update vLLM's logprobs must equal transformers' logprobs of the perturbed model.
+update vLLM's logprobs must equal transformers' logprobs of the perturbed model,
+and every weight of every actor (two actor processes, one group) must equal the
+sender's, bit for bit.
 
 The perturbed model is rebuilt from (model path, seed) in both processes by
 `perturbed_model`, so expected values never cross the process boundary.
@@ -26,6 +28,7 @@ from flywheel.net import free_port
 from flywheel.weight_buckets import plan_buckets
 
 TIMEOUT_S = 60.0  # every group collective and every queue wait
+START_TIMEOUT_S = 300.0  # an actor process importing vLLM and starting its engine, on a busy machine
 BUCKET_BYTES = 300_000  # embed (1 MiB) and MLP weights (768 KiB) exceed it; norms share buckets
 ATOL = 1e-4  # fp32 engine against fp32 transformers
 
@@ -86,8 +89,8 @@ def _sender_main(model_path: str, port: int, commands, results) -> None:
         results.put(("crashed", traceback.format_exc()))
 
 
-def _get(results, expected: str):
-    kind, payload = results.get(timeout=TIMEOUT_S)
+def _get(results, expected: str, timeout_s: float = TIMEOUT_S):
+    kind, payload = results.get(timeout=timeout_s)
     assert kind == expected, f"sender answered {kind}: {payload}"
     return payload
 
@@ -207,3 +210,79 @@ def test_learner_abort_then_resend(linked, model_path):
         hf_logprobs(perturbed_model(model_path, 4), PROMPT, COMPLETION),
         atol=ATOL,
     )
+
+
+def _actor_main(model_path: str, port: int, rank: int, world_size: int, commands, results) -> None:
+    """A rollout actor in its own process (as under Ray): joins the group, then serves commands."""
+    try:
+        from actors.rollout import RolloutWorker
+
+        worker = RolloutWorker(model_path, dtype="float32", max_model_len=128, seed=0, kv_cache_gib=1)
+        results.put(("started", None))  # the group forms once every engine is up, as the driver does
+        worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world_size, backend="gloo",
+                                    timeout_s=TIMEOUT_S)
+        while True:
+            cmd, meta = commands.get(timeout=5 * TIMEOUT_S)
+            if cmd == "stop":
+                break
+            if cmd == "receive":
+                worker.receive_weights(meta)
+            results.put(("weights", worker.engine_weights()))
+        worker.shutdown()
+    except BaseException:
+        results.put(("crashed", traceback.format_exc()))
+
+
+def _assert_same_weights(engine: dict[str, np.ndarray], model, actor: int) -> None:
+    expected = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    assert sorted(engine) == sorted(expected), f"actor {actor}: names differ"
+    for name, tensor in expected.items():
+        np.testing.assert_array_equal(engine[name], tensor, err_msg=f"actor {actor}: {name} differs")
+
+
+def test_every_weight_of_every_actor_equals_the_learners(model_path):
+    """Two actors in one group; after each sync every engine weight, read back through the layers'
+    own (prepacked) kernels, equals the sender's in float32, exactly."""
+    from learner.weight_sync import WeightSender
+
+    ctx = mp.get_context("spawn")
+    port, world = free_port(), 3
+    links = [(ctx.Queue(), ctx.Queue()) for _ in range(world - 1)]
+    procs = [ctx.Process(target=_actor_main, args=(model_path, port, k + 1, world, *links[k]), daemon=True)
+             for k in range(world - 1)]
+    for proc in procs:
+        proc.start()
+    sender = WeightSender("gloo")
+    try:
+        for _, results in links:
+            _get(results, "started", START_TIMEOUT_S)
+        sender.init_group("127.0.0.1", port, world_size=world, timeout_s=TIMEOUT_S)
+        for commands, _ in links:
+            commands.put(("read", None))
+        base = perturbed_model(model_path, 0)
+        for k, (_, results) in enumerate(links):
+            _assert_same_weights(_get(results, "weights"), base, k)  # the checkpoint, before any sync
+
+        for version, seed in ((1, 5), (2, 6)):
+            model = perturbed_model(model_path, seed)
+            named = list(model.named_parameters())
+            meta = WeightSender.make_meta([(n, p.shape, p.dtype) for n, p in named], version, BUCKET_BYTES)
+            for commands, _ in links:
+                commands.put(("receive", meta))
+            sender.send(((n, p.detach()) for n, p in named), meta)
+            for k, (_, results) in enumerate(links):
+                weights = _get(results, "weights")
+                _assert_same_weights(weights, model, k)
+                # The check can fail: the base model's weights no longer match.
+                assert not np.array_equal(weights["model.layers.0.self_attn.q_proj.weight"],
+                                          base.model.layers[0].self_attn.q_proj.weight.detach().numpy())
+        for commands, _ in links:
+            commands.put(("stop", None))
+        for proc in procs:
+            proc.join(timeout=TIMEOUT_S)
+    finally:
+        sender.close()
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10)

@@ -1,0 +1,293 @@
+"""Rollout speed: the rollout actor's vLLM engine against `transformers` `generate`.
+
+For each embedded model (tiny, small = 77M), on the same prompts from the
+synthetic task's pool, the same sampling settings (the config's
+`rollout.temperature`, `top_p`, `top_k`, passed as the driver passes them) and
+exactly `--new-tokens` tokens per sequence in both (the end-of-sequence token is
+masked until then: vLLM's `min_tokens`, transformers' `min_new_tokens`; counted):
+
+- transformers `generate`, all prompts in one left-padded batch;
+- the rollout actor (`actors.rollout.RolloutWorker`, built by
+  `cluster.groups.rollout_worker_kwargs` from the config, so the engine is the
+  one a run starts), eager and compiled (`enforce_eager=False`); compiled twice,
+  from an empty compile cache and again reusing it, to show what a second start
+  costs;
+- prefix caching on and off with `--samples` samples sharing each prompt;
+- the compute roofline: this machine's matrix-multiply rate in the model's
+  dtype, measured here (the better of the model's own linear shapes at the
+  batch in flight and a 2048^3 product), divided by 2 * params FLOP per token.
+
+Each engine runs in its own process, one at a time; dtype (model.dtype auto) and
+threads (all cores this process may use, as `rollout.num_threads` would give the
+actor) follow the hardware as a run chooses them.
+
+    python benchmarks/rollout.py --json benchmarks/results/rollout.json
+    python benchmarks/rollout.py --quick --json /tmp/rollout_quick.json   # smoke run: 32 prompts, tiny model
+
+Prints a table and writes the JSON with the machine report. Needs a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+from common import load_average, write_result
+
+from flywheel.hardware import actor_threads, read_cpu_info
+
+CONFIG = "configs/local_tiny_ppo.yaml"
+MODELS = ("tiny", "small")
+
+
+def load_cfg(args, model: str, overrides: list[str] = ()):
+    from cluster.config import load_config
+
+    return load_config(args.config, [
+        f"model.embedded={model}", f"rollout.max_new_tokens={args.new_tokens}", "rollout.samples_per_prompt=1",
+        f"rollout.kv_cache_gib={args.kv_cache_gib}", *args.override, *overrides])
+
+
+def prompts(tokenizer, n: int, samples: int, seed: int):
+    """n prompts of the synthetic task's training pool, tokenised as the driver does, seeded as a step is."""
+    import numpy as np
+
+    from flywheel import synthetic_task
+    from flywheel.records import PromptBatch
+    from flywheel.seeds import sample_seeds
+
+    texts = synthetic_task.make_prompts(n, seed)
+    ids = [np.asarray(tokenizer(p, add_special_tokens=True)["input_ids"], dtype=np.int32) for p in texts]
+    return PromptBatch(prompts=texts, prompt_ids=ids, seeds=sample_seeds(seed, 0, n, samples))
+
+
+# ------------------------------------------------------------------------- children
+
+
+def run_vllm(spec: dict) -> dict:
+    """One rollout actor: start it, warm it up, time one generate of all prompts."""
+    from cluster.groups import generate_kwargs, rollout_worker_kwargs
+    from actors.rollout import RolloutWorker
+
+    cfg = spec["cfg"]
+    t0 = time.perf_counter()
+    worker = RolloutWorker(**rollout_worker_kwargs(cfg, spec["model_path"], spec["dtype"], 0),
+                           compile_cache_dir=spec["compile_cache_dir"],
+                           enable_prefix_caching=spec["prefix_caching"])
+    init_s = time.perf_counter() - t0
+    gen = {**generate_kwargs(cfg), "min_new_tokens": cfg.rollout.max_new_tokens}
+    batch = prompts(worker._tokenizer, spec["prompts"], gen["n"], cfg.run.seed)
+    worker.generate(batch.split(max(1, len(batch) // 8))[0], **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
+    t0 = time.perf_counter()
+    rollout = worker.generate(batch, **gen)
+    wall = time.perf_counter() - t0
+    tokens = rollout.num_tokens
+    expected = len(batch) * gen["n"] * gen["max_new_tokens"]
+    if tokens != expected:
+        raise RuntimeError(f"vLLM made {tokens} tokens, expected {expected}")
+    engine = worker._llm.llm_engine.vllm_config
+    import torch
+
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "init_s": init_s,
+            "block_size": engine.cache_config.block_size, "torch_threads": torch.get_num_threads(),
+            "prompt_tokens_mean": sum(len(p) for p in batch.prompt_ids) / len(batch)}
+
+
+def run_hf(spec: dict) -> dict:
+    """transformers `generate` on the same prompts and sampling settings, one batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = spec["cfg"]
+    r = cfg.rollout
+    tok = AutoTokenizer.from_pretrained(spec["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=getattr(torch, spec["dtype"])).eval()
+    batch = prompts(tok, spec["prompts"], 1, cfg.run.seed)
+    width = max(len(p) for p in batch.prompt_ids)
+    ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(batch.prompt_ids):  # left padding, as decoder-only generation needs
+        ids[i, width - len(p):] = torch.from_numpy(p.astype("int64"))
+        mask[i, width - len(p):] = 1
+    sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                    max_new_tokens=r.max_new_tokens, min_new_tokens=r.max_new_tokens, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(cfg.run.seed)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:8], attention_mask=mask[:8], **{**sampling, "max_new_tokens": 4,
+                                                                      "min_new_tokens": 4})
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, **sampling)
+        wall = time.perf_counter() - t0
+    new = out[:, width:]  # min_new_tokens masked EOS, so no row ended early (none is padded)
+    tokens = new.numel()
+    if tuple(new.shape) != (len(batch), r.max_new_tokens) or bool((new == tok.eos_token_id).any()):
+        raise RuntimeError(f"generate made {tuple(new.shape)} tokens, expected {len(batch)} x {r.max_new_tokens}")
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "torch_threads": torch.get_num_threads()}
+
+
+def _child(target, spec: dict, results) -> None:
+    try:
+        results.put(("ok", target(spec)))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
+def in_process(target, spec: dict, timeout_s: float = 1800) -> dict:
+    """Run `target(spec)` in a fresh spawned process and return its result (one engine at a time)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(target, spec, results))
+    proc.start()
+    try:
+        kind, payload = results.get(timeout=timeout_s)
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    if kind != "ok":
+        raise SystemExit(f"{target.__name__} failed:\n{payload}")
+    return payload
+
+
+# ------------------------------------------------------------------------- roofline
+
+
+def matmul_flops(model_path: str, dtype: str, rows: int, seconds: float = 2.0) -> dict[str, float]:
+    """FLOP/s of torch matmul in the model's dtype on this process's threads: on the model's
+    linear shapes (one layer plus lm_head) at `rows` tokens in flight, and on a 2048^3 product.
+
+    The roofline takes the larger: the best rate the machine reaches, an upper bound (small
+    shapes, like the tiny model's, run far below it)."""
+    import torch
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    model_shapes = [(rows, c.hidden_size, c.hidden_size + 2 * kv), (rows, c.hidden_size, c.hidden_size),
+                    (rows, c.hidden_size, 2 * c.intermediate_size), (rows, c.intermediate_size, c.hidden_size),
+                    (rows, c.hidden_size, c.vocab_size)]
+    dt = getattr(torch, dtype)
+
+    def rate(shapes) -> float:
+        pairs = [(torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for m, k, n in shapes]
+        flop = sum(2 * m * k * n for m, k, n in shapes)
+        for x, w in pairs:
+            torch.matmul(x, w)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for x, w in pairs:
+                torch.matmul(x, w)
+            reps += 1
+        return flop * reps / (time.perf_counter() - t0)
+
+    return {"model_shapes": rate(model_shapes), "square_2048": rate([(2048, 2048, 2048)])}
+
+
+# ------------------------------------------------------------------------- driver
+
+
+def bench_model(args, model: str, dtype: str, threads: int) -> dict:
+    from flywheel.tiny_model import count_parameters, embedded_spec, ensure_embedded_model
+
+    path = ensure_embedded_model("policy", embedded_spec(model))
+    params = count_parameters(path)
+    base = {"model_path": path, "dtype": dtype, "prompts": args.prompts, "compile_cache_dir": None,
+            "prefix_caching": True}
+    out: dict = {"params": params, "dtype": dtype, "threads": threads, "prompts": args.prompts,
+                 "new_tokens": args.new_tokens}
+
+    out["hf"] = in_process(run_hf, {**base, "cfg": load_cfg(args, model)})
+    out["vllm_eager"] = in_process(run_vllm, {**base, "cfg": load_cfg(args, model, ["rollout.enforce_eager=true"])})
+    compiled = load_cfg(args, model, ["rollout.enforce_eager=false"])
+    with tempfile.TemporaryDirectory(prefix="flywheel-compile-") as cache:  # empty: a first start
+        out["vllm_compiled_first"] = in_process(run_vllm, {**base, "cfg": compiled, "compile_cache_dir": cache})
+        out["vllm_compiled"] = in_process(run_vllm, {**base, "cfg": compiled, "compile_cache_dir": cache})
+    mode = "compiled" if out["vllm_compiled"]["tokens_per_s"] >= out["vllm_eager"]["tokens_per_s"] else "eager"
+    best = out["vllm_compiled" if mode == "compiled" else "vllm_eager"]
+
+    # Samples sharing a prompt: the same number of sequences as prompts * samples.
+    shared = {**base, "prompts": max(1, args.prompts // args.samples),
+              "cfg": load_cfg(args, model, [f"rollout.enforce_eager={str(mode == 'eager').lower()}",
+                                            f"rollout.samples_per_prompt={args.samples}"])}
+    out["prefix_caching_on"] = in_process(run_vllm, shared)
+    out["prefix_caching_off"] = in_process(run_vllm, {**shared, "prefix_caching": False})
+
+    rates = matmul_flops(path, dtype, rows=args.prompts)
+    flops = max(rates.values())
+    roofline = flops / (2 * params)
+    out.update(
+        vllm_mode=mode,
+        vllm_tokens_per_s=best["tokens_per_s"],
+        hf_tokens_per_s=out["hf"]["tokens_per_s"],
+        speedup=best["tokens_per_s"] / out["hf"]["tokens_per_s"],
+        matmul_gflop_per_s=flops / 1e9,
+        matmul_gflop_per_s_by_shape={k: v / 1e9 for k, v in rates.items()},
+        roofline_tokens_per_s=roofline,
+        roofline_fraction=best["tokens_per_s"] / roofline,
+        compile_first_init_s=out["vllm_compiled_first"]["init_s"],
+        compile_second_init_s=out["vllm_compiled"]["init_s"],
+        eager_init_s=out["vllm_eager"]["init_s"],
+        prefix_caching_speedup=out["prefix_caching_on"]["tokens_per_s"] / out["prefix_caching_off"]["tokens_per_s"],
+    )
+    return out
+
+
+def print_table(results: dict) -> None:
+    rows = [("params", "{:,}"), ("dtype", "{}"), ("threads", "{}"), ("hf_tokens_per_s", "{:.0f}"),
+            ("vllm_eager", "{:.0f}"), ("vllm_compiled", "{:.0f}"), ("vllm_mode", "{}"),
+            ("vllm_tokens_per_s", "{:.0f}"), ("speedup", "{:.2f}x"), ("matmul_gflop_per_s", "{:.0f}"),
+            ("roofline_tokens_per_s", "{:.0f}"), ("roofline_fraction", "{:.2f}"), ("eager_init_s", "{:.1f}"),
+            ("compile_first_init_s", "{:.1f}"), ("compile_second_init_s", "{:.1f}"),
+            ("prefix_caching_on", "{:.0f}"), ("prefix_caching_off", "{:.0f}"), ("prefix_caching_speedup", "{:.2f}x")]
+    names = list(results)
+    print(f"{'':<24}" + "".join(f"{n:>14}" for n in names))
+    for key, fmt in rows:
+        cells = []
+        for n in names:
+            v = results[n][key]
+            cells.append(fmt.format(v["tokens_per_s"] if isinstance(v, dict) else v))
+        print(f"{key:<24}" + "".join(f"{c:>14}" for c in cells))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="benchmarks/results/rollout.json", help="result file (repository-relative)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32 prompts, the tiny model only")
+    parser.add_argument("--models", default=",".join(MODELS), help="embedded models, comma-separated")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt in the prefix-caching runs")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--config", default=CONFIG, help="sampling settings come from its rollout section")
+    parser.add_argument("--override", action="append", default=[], help="config override, e.g. rollout.top_p=0.9")
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.models = 32, "tiny"
+
+    from flywheel.hardware import resolve_dtype
+
+    cpu = read_cpu_info()
+    threads = actor_threads(num_threads=cpu.cores)  # every core, as rollout.num_threads would give the actor
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch loads here and in every child
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = resolve_dtype(load_cfg(args, "tiny").model.dtype, "cpu", cpu)
+    print(f"{cpu.kind}, {cpu.cores} cores: {dtype.reason} {threads} threads")
+    load_start = load_average("at the start")
+    results = {m: bench_model(args, m, dtype.dtype, threads) for m in args.models.split(",")}
+    print_table(results)
+    write_result(args.json, {"benchmark": "rollout", "quick": args.quick, "dtype_reason": dtype.reason,
+                             "config": args.config, "overrides": args.override, "models": results,
+                             "load_average": {"start": load_start, "end": load_average("at the end")}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

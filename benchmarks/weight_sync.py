@@ -1,0 +1,236 @@
+"""Weight sync: pushing every policy weight into one and into two running rollout
+actors, against an in-memory copy of the same bytes, in one run.
+
+The sending half is the learner's (`learner.weight_sync.WeightSender`, run here
+in this process as learner rank 0 would, on the model's `named_parameters` in
+the run dtype); the receiving half is the rollout actor's
+(`actors.rollout.RolloutWorker.receive_weights`, each actor in its own process,
+built from the config by `cluster.groups.rollout_worker_kwargs`); the buckets
+are `sync.bucket_mb` as in a run.  Threads follow the config as Ray would give
+them (`actor_threads`: one per actor and for the learner by default).
+
+`sync_s` is the median wall time of one update (meta handed over, every bucket
+broadcast, loaded into vLLM, acknowledged), after one warm-up update;
+`memcpy_s` the median time of one `copy_` of the flattened weights (same bytes)
+into a preallocated buffer on the learner's threads.  The actors also report
+where their time went: in the broadcasts (the receiving thread), in
+`load_weights` (which also repacks each completed layer's CPU GEMM weights),
+and in the layerwise reload's start and finish; the first two overlap, so
+they add up to more than `receive`.
+
+    python benchmarks/weight_sync.py --json benchmarks/results/weight_sync.json
+    python benchmarks/weight_sync.py --quick --json /tmp/weight_sync_quick.json   # tiny model, one repeat
+
+Prints a table and writes the JSON with the machine report. Needs a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+import traceback
+
+from common import load_average, write_result
+
+from flywheel.hardware import actor_threads
+
+CONFIG = "configs/local_tiny_ppo.yaml"
+TIMEOUT_S = 600.0
+
+
+def _actor_main(kwargs: dict, port: int, rank: int, world: int, commands, results) -> None:
+    """One rollout actor in its own process: join the group, receive updates on command."""
+    try:
+        from actors.rollout import RolloutWorker
+
+        worker = RolloutWorker(**kwargs)
+        _time_receive_phases(worker)
+        results.put(("started", None))  # the group forms once every engine is up, as the driver does
+        worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world, backend="gloo",
+                                    timeout_s=TIMEOUT_S)
+        results.put(("ready", None))
+        while True:
+            cmd, meta = commands.get(timeout=TIMEOUT_S)
+            if cmd == "stop":
+                break
+            PHASES.clear()
+            t0 = time.perf_counter()
+            worker.receive_weights(meta)
+            results.put(("done", {"receive_s": time.perf_counter() - t0, **PHASES}))
+        worker.shutdown()
+    except BaseException:
+        results.put(("crashed", traceback.format_exc()))
+
+
+PHASES: dict[str, float] = {}
+
+
+def _time_receive_phases(worker) -> None:
+    """Wrap the receiving engine's steps with timers (benchmark only; the code path is unchanged)."""
+    import actors.weight_receiver as wr
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    engine = wr.TorchDistWeightTransferEngine
+    for name in ("_broadcast", "start_weight_update", "finish_weight_update"):
+        if not hasattr(getattr(engine, name), "__wrapped_timer__"):
+            wrapped = timed(name.strip("_") + "_s", getattr(engine, name))
+            wrapped.__wrapped_timer__ = True
+            setattr(engine, name, wrapped)
+    def wrap_load(vllm_worker) -> None:
+        model = vllm_worker.get_model()
+        model.load_weights = timed("load_weights_s", model.load_weights)
+
+    worker._llm.collective_rpc(wrap_load)  # in-process engine: the wrapper lands in this process
+
+
+def sync_into(args, cfg, model_path: str, dtype: str, actors: int) -> dict:
+    """Median seconds of one update into `actors` running actors, and their breakdown."""
+    import torch
+
+    from cluster.groups import rollout_worker_kwargs
+    from flywheel.net import free_port
+    from learner.weight_sync import WeightSender
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    ctx = mp.get_context("spawn")
+    port, world = free_port(), 1 + actors
+    links = [(ctx.Queue(), ctx.Queue()) for _ in range(actors)]
+    procs = [ctx.Process(target=_actor_main, daemon=True,
+                         args=(rollout_worker_kwargs(cfg, model_path, dtype, k), port, k + 1, world, *links[k]))
+             for k in range(actors)]
+    for proc in procs:
+        proc.start()
+    sender = WeightSender("gloo")
+    try:
+        for _, results in links:
+            _get(results, "started")
+        sender.init_group("127.0.0.1", port, world_size=world, timeout_s=TIMEOUT_S)
+        for _, results in links:
+            _get(results, "ready")
+        walls, sends, phases = [], [], []
+        bucket_bytes = int(cfg.sync.bucket_mb * 2**20)
+        for version in range(1, 2 + args.repeats):  # the first is a warm-up
+            meta = WeightSender.make_meta([(n, t.shape, t.dtype) for n, t in named], version, bucket_bytes)
+            t0 = time.perf_counter()
+            for commands, _ in links:
+                commands.put(("receive", meta))
+            sender.send(iter(named), meta)
+            t_send = time.perf_counter() - t0
+            done = [_get(results, "done") for _, results in links]
+            if version > 1:
+                walls.append(time.perf_counter() - t0)
+                sends.append(t_send)
+                phases.append(done)
+        for commands, _ in links:
+            commands.put(("stop", None))
+        for proc in procs:
+            proc.join(timeout=60)
+    finally:
+        sender.close()
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10)
+    keys = sorted(phases[0][0])
+    return {"sync_s": statistics.median(walls), "sync_s_all": walls, "sender_s": statistics.median(sends),
+            "actor_phases_s": {k: statistics.median(p[0][k] for p in phases) for k in keys},
+            "buckets": len(meta_buckets(meta))}
+
+
+def meta_buckets(meta):
+    from flywheel.weight_buckets import plan_buckets
+
+    return plan_buckets(meta.specs, meta.bucket_bytes)
+
+
+def memcpy_seconds(model_path: str, dtype: str, repeats: int = 20) -> tuple[float, int, int]:
+    """Median seconds of one copy of the flattened weights; their bytes; their parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    flat = torch.cat([p.detach().reshape(-1).view(torch.uint8) for p in model.parameters()])
+    params = sum(p.numel() for p in model.parameters())
+    dst = torch.empty_like(flat)
+    dst.copy_(flat)  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(flat)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), flat.numel(), params
+
+
+def _get(results, expected: str):
+    kind, payload = results.get(timeout=TIMEOUT_S)
+    if kind != expected:
+        raise SystemExit(f"actor answered {kind}: {payload}")
+    return payload
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="benchmarks/results/weight_sync.json", help="result file (repository-relative)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: the tiny model, one repeat")
+    parser.add_argument("--model", default="small", help="embedded model (model.embedded)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed updates after one warm-up")
+    parser.add_argument("--actors", default="1,2", help="actor counts, comma-separated")
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--override", action="append", default=[], help="config override, e.g. sync.bucket_mb=16")
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.repeats = "tiny", 1
+
+    from cluster.config import load_config
+    from flywheel.hardware import resolve_dtype
+    from flywheel.tiny_model import embedded_spec, ensure_embedded_model
+
+    cfg = load_config(args.config, [f"model.embedded={args.model}", *args.override])
+    dtype = resolve_dtype(cfg.model.dtype, "cpu")
+    actor_t = actor_threads(cfg.rollout.num_cpus_per_actor, cfg.rollout.num_threads)
+    learner_t = actor_threads(cfg.learner.num_cpus_per_rank, cfg.learner.num_threads)
+    os.environ["OMP_NUM_THREADS"] = str(actor_t)  # what each spawned actor starts with, as under Ray
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import torch
+
+    torch.set_num_threads(learner_t)
+    path = ensure_embedded_model("policy", embedded_spec(args.model))
+    print(f"{dtype.reason} actor threads {actor_t}, learner threads {learner_t}, bucket {cfg.sync.bucket_mb} MiB")
+    load_start = load_average("at the start")
+    memcpy_s, nbytes, params = memcpy_seconds(path, dtype.dtype)
+    report = {"benchmark": "weight_sync", "quick": args.quick, "model": args.model, "params": params,
+              "bytes": nbytes, "dtype": dtype.dtype, "bucket_mb": cfg.sync.bucket_mb, "memcpy_s": memcpy_s,
+              "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}
+    print(f"{'actors':>6} {'params':>12} {'bytes':>12} {'sync_s':>8} {'memcpy_s':>9} {'ratio':>7} {'GB/s':>6}  "
+          "actor phases (s)")
+    for n in (int(a) for a in args.actors.split(",")):
+        r = sync_into(args, cfg, path, dtype.dtype, n)
+        r.update(params=params, bytes=nbytes, memcpy_s=memcpy_s, sync_over_memcpy=r["sync_s"] / memcpy_s,
+                 gb_per_s=nbytes / r["sync_s"] / 1e9)
+        report["actors"][str(n)] = r
+        phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
+        print(f"{n:>6} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
+              f"{r['sync_over_memcpy']:>7.1f} {r['gb_per_s']:>6.2f}  {phases}")
+    report.update({k: report["actors"]["1"][k] for k in ("sync_s", "sync_over_memcpy", "gb_per_s")}
+                  if "1" in report["actors"] else {})
+    report["load_average"] = {"start": load_start, "end": load_average("at the end")}
+    write_result(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -136,7 +136,7 @@ def start_ray(cfg: FlywheelConfig, stack: ExitStack) -> None:
 
     if ray.is_initialized():
         return
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     repo_root = str(Path(__file__).resolve().parent.parent)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
@@ -151,14 +151,16 @@ def start_ray(cfg: FlywheelConfig, stack: ExitStack) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=True, logging_level=logging.WARNING)
     stack.callback(ray.shutdown)
-    _restore_sigterm_handler(sigterm)
+    _restore_stop_handlers(handlers)
 
 
-def _restore_sigterm_handler(handler) -> None:
+def _restore_stop_handlers(handlers: dict) -> None:
     """ray.init replaces the SIGTERM handler (its own exits at once, or its core worker's aborts
-    the process) with nothing stopped; put the launcher's back: it unwinds as for Ctrl-C."""
-    if callable(handler) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    the process) with nothing stopped; put the launcher's back, SIGINT's too: they unwind the run."""
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in handlers.items():
+            if callable(handler):
+                signal.signal(signum, handler)
 
 
 class RunError(RuntimeError):

@@ -15,10 +15,19 @@ import sys
 import traceback
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    """`ray job stop`, `kill` and schedulers send SIGTERM: unwind as for Ctrl-C, so every
+def _stop_on_signal(signum, frame) -> None:
+    """Ctrl-C (SIGINT), and the SIGTERM of `ray job stop`, `kill` and schedulers: unwind, so every
     started process (actors, learner ranks, the reward service) is stopped on the way out."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _take_stop_signals() -> None:
+    """Handle SIGINT and SIGTERM whatever this process inherited: a parent may start it with them
+    ignored or blocked (a shell's background job ignores SIGINT; a process that blocked SIGINT
+    passes the block on through exec), and then a stop request would be lost and the run go on."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop_on_signal)
 
 
 def _print_resume_command(cfg, config_path: str, overrides: list[str]) -> None:
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cluster.jobs import durable_output_dir
 
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    _take_stop_signals()
 
     cfg.run.output_dir, moved = durable_output_dir(cfg.run.output_dir)
     if moved:

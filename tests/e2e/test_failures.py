@@ -22,10 +22,10 @@ from tests.e2e.test_resume import SMALL, _lines_logged, _records, _start, _stop,
 PROMPTS, SAMPLES = 8, 2  # data.prompts_per_step and rollout.samples_per_prompt in SMALL
 
 
-def _start_and_wait(out: Path, overrides: list[str], marker: str, lines: int):
+def _start_and_wait(out: Path, overrides: list[str], marker: str, lines: int, **popen):
     """A small run launched in the background, once `lines` of its steps are logged."""
     proc = _start(["--config", str(CONFIG), "--output-dir", str(out), *SMALL, "run.save_final=false", *overrides],
-                  marker)
+                  marker, **popen)
     try:
         _wait_until(lambda: _lines_logged(out) >= lines, proc, f"step {lines}'s metrics line", timeout_s=400)
     except BaseException:
@@ -123,11 +123,19 @@ def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_aga
 def test_a_stop_signal_stops_every_process_and_keeps_the_last_checkpoint(tmp_path, signum):
     """SIGTERM (what `ray job stop`, `kill` and schedulers send) and SIGINT (Ctrl-C) mid-run: the
     launcher exits with 130, prints the command that resumes, leaves no process or shared memory,
-    and the checkpoint written before the signal is whole; the logged steps are each there once."""
+    and the checkpoint written before the signal is whole; the logged steps are each there once.
+    The launcher starts with the signal ignored and blocked, as a parent may hand it down (a
+    shell's background job; a process that blocked it): it must take the signal all the same."""
     marker = uuid.uuid4().hex
     out = tmp_path / "run"
     shm_before = _shm_files()
-    proc = _start_and_wait(out, ["run.steps=50", "run.checkpoint_every=1"], marker, lines=2)
+
+    def inherit_the_signal_ignored_and_blocked():
+        signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+
+    proc = _start_and_wait(out, ["run.steps=50", "run.checkpoint_every=1"], marker, lines=2,
+                           preexec_fn=inherit_the_signal_ignored_and_blocked)
     try:
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)

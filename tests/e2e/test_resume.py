@@ -123,10 +123,10 @@ def _assert_only_ray_agents_left(marker: str, grace_s: float = 30.0) -> None:
             pass
 
 
-def _start(args: list[str], marker: str) -> subprocess.Popen:
+def _start(args: list[str], marker: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "FLYWHEEL_TEST_MARKER": marker, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "cluster.launch", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def _stop(proc: subprocess.Popen) -> None:

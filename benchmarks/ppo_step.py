@@ -1,0 +1,146 @@
+"""How much does asynchronous mode save?  PPO steps, synchronous against asynchronous, in one run.
+
+    python benchmarks/ppo_step.py --json OUT.json [--model small] [--steps 12] [--gold-seeds 0 1 2]
+
+Each measurement is one `python -m cluster.launch` of `configs/local_tiny_ppo.yaml` (real vLLM,
+DeepSpeed, Ray and the HTTP reward service) with one rollout actor and one learner rank, each
+with one thread, so that each owns one of the machine's cores as they would own separate devices
+on a cluster:
+
+- synchronous (`rollout.max_staleness=0`) and asynchronous (`=1`) runs of the same workload, whose
+  completions are long enough that generation is 40-60% of a synchronous step; the first
+  `--warmup` steps of each are left out;
+- a GRPO run (16 prompts x 4 samples x 64 tokens) for its seconds per step;
+- with `--gold-seeds`, full-length runs of the default tiny PPO workload, synchronous and
+  asynchronous, one per seed: the held-out gold reward each ends at, so that what asynchronous
+  mode costs in quality shows beside what it saves in time.
+
+Keys: `sync_steps_per_s`, `async_steps_per_s`, `async_speedup`, `overlap_bound` (the synchronous
+step time over the larger of its generation and non-generation parts: the most that perfect
+overlap could give), `generation_share`, `breakdown` (mean seconds per phase of each mode), and
+`grpo_s_per_step`. Prints a table and writes JSON with the machine report. Run it on a quiet
+machine: everything here is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, launch, load_average, write_result
+
+from cluster.metrics import read_metrics  # any JSON-lines file of a run
+
+CONFIG = "configs/local_tiny_ppo.yaml"
+# One actor and one rank, one thread each (a core each on 2 cores); no evaluation or saving to time.
+ONE_CORE_EACH = ["rollout.num_actors=1", "rollout.num_threads=1", "learner.world_size=1", "learner.num_threads=1",
+                 "run.eval_prompts=4", "run.checkpoint_every=0", "run.save_final=false"]
+PHASES = (("generate", "gen_s"), ("score", "score_s"), ("experience", "make_experience_s"),
+          ("train", "update_s"), ("sync", "sync_s"), ("idle", "gen_wait_s"))
+TARGETS = {"async_speedup": 1.5, "fraction_of_overlap_bound": 0.9}
+
+
+def _steps(out_dir: Path, warmup: int) -> list[dict]:
+    records = read_metrics(out_dir / "metrics.jsonl")
+    if len(records) <= warmup:
+        raise SystemExit(f"{out_dir}: {len(records)} steps logged, no more than the {warmup} warm-up steps")
+    return records[warmup:]
+
+
+def _mean(records: list[dict], key: str) -> float:
+    return statistics.mean(r[key] for r in records)
+
+
+def timed_mode(name: str, root: Path, workload: list[str], staleness: int, warmup: int) -> dict:
+    out = root / name
+    print(f"  {name}: rollout.max_staleness={staleness}", flush=True)
+    launch(CONFIG, out, [*workload, *ONE_CORE_EACH, f"rollout.max_staleness={staleness}"])
+    steps = _steps(out, warmup)
+    breakdown = {phase: _mean(steps, key) for phase, key in PHASES}
+    if not staleness:
+        # Synchronous: the driver waits for all of generation; its idle time is what no phase covers.
+        breakdown["idle"] = max(0.0, _mean(steps, "step_s") - sum(v for k, v in breakdown.items() if k != "idle"))
+    return {"step_s": _mean(steps, "step_s"), "steps_per_s": 1.0 / _mean(steps, "step_s"), "breakdown": breakdown,
+            "staleness": [r["staleness"] for r in steps], "steps_timed": len(steps)}
+
+
+def gold_runs(root: Path, seeds: list[int], steps: int) -> dict:
+    """The default tiny PPO workload, synchronous and asynchronous, one launch per seed."""
+    out: dict[str, list[float]] = {"sync": [], "async": []}
+    for seed in seeds:
+        for mode, staleness in (("sync", 0), ("async", 1)):
+            run = root / f"gold_{mode}_seed{seed}"
+            print(f"  gold, {mode}, seed {seed}", flush=True)
+            launch(CONFIG, run, [f"run.seed={seed}", f"run.steps={steps}", "run.checkpoint_every=0",
+                                 "run.save_final=false", f"rollout.max_staleness={staleness}",
+                                 "rollout.num_threads=1", "learner.num_threads=1"])
+            out[mode].append(json.loads((run / "summary.json").read_text())["after"]["eval_gold_reward"])
+    lo, hi = min(out["sync"]), max(out["sync"])
+    return {**out, "sync_spread": [lo, hi], "async_within_sync_spread": all(lo <= g <= hi for g in out["async"]),
+            "sync_mean": statistics.mean(out["sync"]), "async_mean": statistics.mean(out["async"])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="benchmarks/results/ppo_step.json")
+    parser.add_argument("--model", choices=["tiny", "small"], default="small",
+                        help="the embedded model (small: the ~80M one)")
+    parser.add_argument("--steps", type=int, default=12, help="steps per timed run")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the means")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per sample (generation's share grows with it)")
+    parser.add_argument("--gold-seeds", type=int, nargs="*", default=[], help="seeds of the gold-reward comparison")
+    parser.add_argument("--gold-steps", type=int, default=25, help="steps of each gold-reward run")
+    parser.add_argument("--runs", default="runs/ppo_step", help="where the launches write (inside the repository)")
+    args = parser.parse_args()
+
+    root = REPO / args.runs
+    load_start = load_average("at the start")
+    t0 = time.perf_counter()
+    workload = [f"model.embedded={args.model}", f"run.steps={args.steps}", f"data.prompts_per_step={args.prompts}",
+                f"rollout.samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.tokens}",
+                f"learner.minibatch_size={args.prompts * args.samples}"]
+    sync = timed_mode("sync", root, workload, 0, args.warmup)
+    asyn = timed_mode("async", root, workload, 1, args.warmup)
+    gen, step = sync["breakdown"]["generate"], sync["step_s"]
+    bound = step / max(gen, step - gen)
+    report = {
+        "model": args.model, "prompts": args.prompts, "samples": args.samples, "tokens": args.tokens,
+        "sync_steps_per_s": sync["steps_per_s"], "async_steps_per_s": asyn["steps_per_s"],
+        "async_speedup": asyn["steps_per_s"] / sync["steps_per_s"], "overlap_bound": bound,
+        "generation_share": gen / step, "breakdown": {"sync": sync["breakdown"], "async": asyn["breakdown"]},
+        "sync": sync, "async": asyn,
+    }
+    report["fraction_of_overlap_bound"] = report["async_speedup"] / bound
+    grpo = timed_mode("grpo", root, [*workload, "learner.advantage=grpo"], 0, args.warmup)
+    report["grpo_s_per_step"] = grpo["step_s"]
+    report["grpo"] = grpo
+    if args.gold_seeds:
+        report["gold"] = gold_runs(root, args.gold_seeds, args.gold_steps)
+    report["targets"] = {k: {"target": v, "met": report[k] >= v} for k, v in TARGETS.items()}
+    report["wall_s"] = time.perf_counter() - t0
+    report["load_average"] = {"start": load_start, "end": load_average("at the end")}
+
+    print(f"\n{'mode':<6} {'steps/s':>8} {'step s':>7} " + " ".join(f"{p:>10}" for p, _ in PHASES))
+    for name, r in (("sync", sync), ("async", asyn), ("grpo", grpo)):
+        print(f"{name:<6} {r['steps_per_s']:>8.3f} {r['step_s']:>7.2f} "
+              + " ".join(f"{r['breakdown'][p]:>10.3f}" for p, _ in PHASES))
+    print(f"\ngeneration share {report['generation_share']:.2f} (wanted 0.4-0.6); async speedup "
+          f"{report['async_speedup']:.2f} of at most {bound:.2f} ({report['fraction_of_overlap_bound']:.2f} of the bound)")
+    if "gold" in report:
+        g = report["gold"]
+        print(f"gold reward: sync {g['sync']} (spread {g['sync_spread']}), async {g['async']}: "
+              f"{'within' if g['async_within_sync_spread'] else 'outside'} the synchronous spread")
+    if not 0.4 <= report["generation_share"] <= 0.6:
+        print("warning: generation is outside 40-60% of a synchronous step; change --tokens")
+    write_result(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,7 +42,7 @@ CONFIG = "configs/local_tiny_ppo.yaml"
 TIMEOUT_S = 600.0
 
 
-def _actor_main(kwargs: dict, port: int, rank: int, world: int, commands, results) -> None:
+def _actor_main(kwargs: dict, rank: int, world: int, commands, results) -> None:
     """One rollout actor in its own process: join the group, receive updates on command."""
     try:
         from actors.rollout import RolloutWorker
@@ -50,6 +50,7 @@ def _actor_main(kwargs: dict, port: int, rank: int, world: int, commands, result
         worker = RolloutWorker(**kwargs)
         _time_receive_phases(worker)
         results.put(("started", None))  # the group forms once every engine is up, as the driver does
+        _, port = commands.get(timeout=TIMEOUT_S)
         worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world, backend="gloo",
                                     timeout_s=TIMEOUT_S)
         results.put(("ready", None))
@@ -107,10 +108,10 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     ctx = mp.get_context("spawn")
-    port, world = free_port(), 1 + actors
+    world = 1 + actors
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(actors)]
     procs = [ctx.Process(target=_actor_main, daemon=True,
-                         args=(rollout_worker_kwargs(cfg, model_path, dtype, k), port, k + 1, world, *links[k]))
+                         args=(rollout_worker_kwargs(cfg, model_path, dtype, k), k + 1, world, *links[k]))
              for k in range(actors)]
     for proc in procs:
         proc.start()
@@ -118,6 +119,9 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int) -> dict:
     try:
         for _, results in links:
             _get(results, "started")
+        port = free_port()  # chosen once every engine is up: a starting engine binds ports of its own
+        for commands, _ in links:
+            commands.put(("join", port))
         sender.init_group("127.0.0.1", port, world_size=world, timeout_s=TIMEOUT_S)
         for _, results in links:
             _get(results, "ready")

@@ -212,13 +212,14 @@ def test_learner_abort_then_resend(linked, model_path):
     )
 
 
-def _actor_main(model_path: str, port: int, rank: int, world_size: int, commands, results) -> None:
+def _actor_main(model_path: str, rank: int, world_size: int, commands, results) -> None:
     """A rollout actor in its own process (as under Ray): joins the group, then serves commands."""
     try:
         from actors.rollout import RolloutWorker
 
         worker = RolloutWorker(model_path, dtype="float32", max_model_len=128, seed=0, kv_cache_gib=1)
         results.put(("started", None))  # the group forms once every engine is up, as the driver does
+        _, port = commands.get(timeout=START_TIMEOUT_S)
         worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world_size, backend="gloo",
                                     timeout_s=TIMEOUT_S)
         while True:
@@ -246,9 +247,9 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path):
     from learner.weight_sync import WeightSender
 
     ctx = mp.get_context("spawn")
-    port, world = free_port(), 3
+    world = 3
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(world - 1)]
-    procs = [ctx.Process(target=_actor_main, args=(model_path, port, k + 1, world, *links[k]), daemon=True)
+    procs = [ctx.Process(target=_actor_main, args=(model_path, k + 1, world, *links[k]), daemon=True)
              for k in range(world - 1)]
     for proc in procs:
         proc.start()
@@ -256,6 +257,10 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path):
     try:
         for _, results in links:
             _get(results, "started", START_TIMEOUT_S)
+        # The port is chosen now, as the driver does: a starting engine binds ports of its own.
+        port = free_port()
+        for commands, _ in links:
+            commands.put(("join", port))
         sender.init_group("127.0.0.1", port, world_size=world, timeout_s=TIMEOUT_S)
         for commands, _ in links:
             commands.put(("read", None))

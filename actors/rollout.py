@@ -402,6 +402,13 @@ class RolloutWorker:
         weights = self._llm.collective_rpc(engine_weights)[0]
         return {name: t.float().numpy() for name, t in weights.items()}
 
+    def weight_digests(self) -> dict[str, str]:
+        """A digest of every engine weight (`engine_weights`, float32 bytes), for
+        `sync.verify_weights` to compare with the learner's."""
+        from flywheel.weight_buckets import weight_digest
+
+        return {name: weight_digest(np.ascontiguousarray(a)) for name, a in self.engine_weights().items()}
+
     def close_weight_transfer(self) -> None:
         """Leave the weight-transfer group (the engine keeps serving)."""
         if self._transfer_ready:

@@ -356,6 +356,8 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
             figures = {"sync_s": services.sync.push(version=version)}
             if probe:
                 figures.update(probe.after(services, before))
+            if cfg.sync.verify_weights:
+                figures["sync_weights_verified"] = services.sync.verify()
             return figures
 
         for step in range(first, cfg.run.steps):

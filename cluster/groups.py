@@ -38,6 +38,7 @@ from flywheel.net import free_port
 from flywheel.records import (
     ExperienceStats, PromptBatch, Rollout, SamplingSettings, ScoredRollout, TrainStats, WeightSyncMeta,
 )
+from flywheel.weight_buckets import differing_weights
 
 log = logging.getLogger("flywheel.cluster")
 
@@ -258,6 +259,9 @@ class LearnerGroup:
     def weight_specs(self):
         return self._all("weight_specs")[0]
 
+    def weight_digests(self) -> dict[str, str]:
+        return self._all("weight_digests", what="digesting the learner's weights")[0]
+
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
         n = len(self.ranks)
         return self._all("sequence_logprobs", [prompt_ids] * n, [completion_ids] * n)[0]
@@ -397,6 +401,21 @@ class WeightSync:
         self._send(version, self.rollouts.actors)
         self.version = version
         return time.perf_counter() - t0
+
+    def verify(self) -> int:
+        """Compare every weight of every actor's engine with the learner's, exactly (by digest of
+        the float32 bytes); raises naming the actor and the weights that differ. Returns the number
+        of weights compared per actor."""
+        expected = self.learner.weight_digests()
+        refs = [a.weight_digests.remote() for a in self.rollouts.actors]
+        for k, got in enumerate(wait(refs, self.cfg.run.step_timeout_s, "reading back the actors' weights")):
+            wrong = differing_weights(expected, got)
+            if wrong:
+                raise RemoteCallError(
+                    f"weight sync verification failed at policy version {self.version}: rollout actor {k} holds "
+                    f"{len(wrong)} of {len(expected)} weights different from the learner's ({', '.join(wrong[:5])}"
+                    f"{', ...' if len(wrong) > 5 else ''}); the actor is not generating with the learner's weights")
+        return len(expected)
 
     def _send(self, version: int, actors: list) -> None:
         meta = WeightSyncMeta(version=version, specs=self.specs, bucket_bytes=self.bucket_bytes)

@@ -15,6 +15,7 @@ Standard library only: importing it costs nothing.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from math import prod
 
@@ -104,3 +105,17 @@ def plan_buckets(specs: list[WeightSpec], bucket_bytes: int) -> list[Bucket]:
     if slots:
         buckets.append(Bucket(nbytes=end, slots=tuple(slots)))
     return buckets
+
+
+# ------------------------------------------------------------------ verification
+
+def weight_digest(data) -> str:
+    """A digest of one weight's bytes (anything with the buffer protocol: the float32
+    array both sides widen a weight to), to compare weights across processes without
+    sending them."""
+    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
+
+
+def differing_weights(expected: dict[str, str], got: dict[str, str]) -> list[str]:
+    """Names whose digests differ, are missing from `got`, or are not in `expected`, sorted."""
+    return sorted(n for n in expected.keys() | got.keys() if expected.get(n) != got.get(n))

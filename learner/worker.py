@@ -279,6 +279,13 @@ class LearnerWorker:
                 pass
         return time.perf_counter() - t0
 
+    def weight_digests(self) -> dict[str, str]:
+        """A digest of every policy weight as the actors receive it (the run's dtype, widened to
+        float32 bytes), for `sync.verify_weights`; all ranks call it (ZeRO-3 gathers)."""
+        from flywheel.weight_buckets import weight_digest
+
+        return {name: weight_digest(t.float().cpu().contiguous().numpy()) for name, t in self._full_parameters()}
+
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
         """The policy's own logprobs (C,) of `completion_ids` after `prompt_ids`, at

@@ -72,7 +72,7 @@ def test_dashboard_follows_a_real_run_in_a_browser(tmp_path):
              f"run.steps={STEPS}", "run.eval_prompts=4", "run.save_final=false", "run.checkpoint_every=0", "data.prompts_per_step=8",
              "rollout.num_actors=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12",
              "learner.minibatch_size=16", "learner.ppo_epochs=1",
-             "rollout.max_staleness=1", "rollout.num_threads=1", "learner.num_threads=1"],
+             "rollout.max_staleness=1", "rollout.num_threads=1", "learner.num_threads=1", "sync.verify_weights=true"],
             cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     try:
         url = _wait_for(lambda: (m := re.search(r"dashboard: (http://127\.0\.0\.1:\d+/)", log.read_text())) and m[1],
@@ -146,4 +146,7 @@ def test_dashboard_follows_a_real_run_in_a_browser(tmp_path):
         # A push before each later step: vLLM's logprobs of a fixed sequence then equal the learner's
         # (bf16 or float32, whichever the machine runs), and the push changed them.
         assert r["sync_logprob_err"] < 0.05 and r["sync_logprob_shift"] > 2 * r["sync_logprob_err"], r
+    # ... and every weight of both engines equals the learner's, exactly (the run stops otherwise).
+    verified = [r.get("sync_weights_verified") for r in records]
+    assert verified[0] is None and len(set(verified[1:])) == 1 and verified[1] > 10, verified
     assert ARTIFACT.stat().st_size > 10_000

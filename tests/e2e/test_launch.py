@@ -78,7 +78,7 @@ def test_ppo_run_end_to_end(tmp_path):
         ["--config", str(CONFIG), "--output-dir", str(out), "run.steps=3", "run.checkpoint_every=0", "run.eval_prompts=15",
          "data.prompts_per_step=16", "rollout.num_actors=2", "rollout.samples_per_prompt=2",
          "rollout.temperature=0.7", "rollout.top_p=0.95", "learner.minibatch_size=16", "learner.world_size=2",
-         "learner.zero_stage=3", "sync.bucket_mb=0.25"],
+         "learner.zero_stage=3", "sync.bucket_mb=0.25", "sync.verify_weights=true"],
         timeout_s=840, marker=marker,
     )
     assert result.returncode == 0, result.stderr[-5000:]
@@ -109,6 +109,11 @@ def test_ppo_run_end_to_end(tmp_path):
     assert summary["before"]["eval_prompts"] == 15 and summary["before"]["eval_samples"] == 30
     final = Path(summary["final_checkpoint"])
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    # After every sync, every weight of both engines equals the learner's (gathered from ZeRO-3), exactly.
+    from safetensors import safe_open
+
+    with safe_open(final / "model.safetensors", "pt") as f:
+        assert [r["sync_weights_verified"] for r in records] == [len(list(f.keys()))] * 3
     assert (final / "tokenizer.json").is_file()
 
 

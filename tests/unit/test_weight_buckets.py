@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flywheel.records import WeightSpec
-from flywheel.weight_buckets import ALIGN, plan_buckets
+from flywheel.weight_buckets import ALIGN, differing_weights, plan_buckets, weight_digest
 from learner.weight_sync import WeightSender
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +60,21 @@ def test_make_meta_names_dtypes_and_duplicates():
     assert meta.specs == [_spec("w", "bfloat16", 2, 3), _spec("b", "float32", 3)]
     with pytest.raises(ValueError, match="'w' appears twice"):
         WeightSender.make_meta([("w", (1,), torch.float32)] * 2, version=1, bucket_bytes=1024)
+
+
+def test_digests_tell_weights_apart_by_one_bit_and_name_every_difference():
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    b = a.clone()
+    b.view(torch.int32)[1, 2] ^= 1  # the lowest mantissa bit of one element
+    digests = {"w": weight_digest(a.numpy()), "v": weight_digest(a.numpy())}
+    assert weight_digest(a.clone().numpy()) == digests["w"]  # a copy of the same bytes
+    assert weight_digest(b.numpy()) != digests["w"]
+    # bf16 widened to float32 on both sides: equal bf16 weights give equal digests
+    assert weight_digest(a.bfloat16().float().numpy()) == weight_digest(a.bfloat16().float().contiguous().numpy())
+    got = {"w": weight_digest(b.numpy()), "u": digests["v"]}
+    # w differs, v is missing from the actor's, u is one the learner does not have
+    assert differing_weights(digests, got) == ["u", "v", "w"]
+    assert differing_weights(digests, dict(digests)) == []
 
 
 def test_sender_imports_no_vllm_ray_or_deepspeed():

@@ -34,7 +34,9 @@ Headline figures (one per key of the JSON; `spread` is max - min over seeds):
 Prints a table and writes JSON with the machine report.  Only the arithmetic
 phase times anything (seconds per RL step): run that phase on a quiet machine.
 `--phase preference` runs the rest alone, and a later `--phase all --reuse`
-keeps its launches.
+keeps its launches. `--phase arithmetic --preference-from EARLIER.json` runs the
+arithmetic phase only and takes the other figures from an earlier result (the
+JSON says so under `preference_figures_from`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ TARGETS = {
     "reinforce_pp": ("above_spread", 0.0),
 }
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+PREFERENCE_FIGURES = ("sft", "rm_tiny", "rm_minilm", "ppo", "dpo")
 
 # Stage settings the benchmark uses on top of each config (the configs' own are for quick demos).
 SFT = ["sft.examples=2048", "sft.epochs=2", "run.stages=[sft,reward_model]"]
@@ -77,7 +80,7 @@ DPO = ["dpo.pairs=4096", "dpo.epochs=2"]
 # The win rate compares mean gold per prompt: every held-out prompt (143), 16 samples each, so that
 # the sampling noise of a prompt's mean is small beside the difference between the policies.
 DPO_EVAL = ["run.eval_prompts=143", "rollout.samples_per_prompt=16"]
-ARITHMETIC_SFT: list[str] = []  # the config's own: 2048 demonstrations, 20 epochs, cosine decay
+ARITHMETIC_SFT: list[str] = []  # the config's own: 2048 demonstrations, 6 epochs at 1e-3, cosine decay
 ARITHMETIC_RL: list[str] = []  # the config's own: 100 steps of 32 prompts x 8 samples, lr 1e-4
 
 
@@ -215,9 +218,20 @@ def main() -> int:
                         help="keep launches that already finished under --runs (after an interrupted benchmark)")
     parser.add_argument("--phase", choices=["all", "preference", "arithmetic"], default="all",
                         help="run one phase only (its launches are kept for a later --reuse)")
+    parser.add_argument("--preference-from", metavar="JSON",
+                        help="with --phase arithmetic: take the preference phase's figures from an earlier result "
+                             "of this script (same seeds) and write the whole table")
     args = parser.parse_args()
     global REUSE
     REUSE = args.reuse
+    earlier = None
+    if args.preference_from:
+        if args.phase != "arithmetic":
+            parser.error("--preference-from goes with --phase arithmetic")
+        earlier = _json(Path(args.preference_from))
+        missing = [s for s in args.seeds if s not in earlier["seeds"]]
+        if missing:
+            parser.error(f"{args.preference_from} has no figures for seeds {missing} (it has {earlier['seeds']})")
 
     t0 = time.perf_counter()
     per_seed: dict[int, dict] = {seed: {} for seed in args.seeds}
@@ -229,10 +243,17 @@ def main() -> int:
         for seed in args.seeds:
             print(f"{phase} phase, seed {seed}", flush=True)
             per_seed[seed].update(figures_of(seed, REPO / args.runs / f"seed{seed}"))
-    if args.phase != "all":
+    if earlier is not None:
+        for seed in args.seeds:
+            for name in PREFERENCE_FIGURES:
+                per_seed[seed][name] = earlier[name]["per_seed"][earlier["seeds"].index(seed)]
+    elif args.phase != "all":
         print(f"the {args.phase} phase is done; run with --phase all --reuse for the table")
         return 0
     report: dict = {"seeds": args.seeds, "wall_s": time.perf_counter() - t0, "reused_launches": args.reuse}
+    if earlier is not None:
+        report["preference_figures_from"] = {"file": args.preference_from, "wall_s": earlier["wall_s"],
+                                             "machine": earlier.get("machine", {}).get("cpu")}
     for name in TARGETS:
         values = [per_seed[s][name]["value"] for s in args.seeds]
         report[name] = {**judge(name, values), "per_seed": [per_seed[s][name] for s in args.seeds]}

@@ -7,10 +7,17 @@ DeepSpeed, Ray and the HTTP reward service) with one rollout actor and one learn
 with one thread, so that each owns one of the machine's cores as they would own separate devices
 on a cluster:
 
-- synchronous (`rollout.max_staleness=0`) and asynchronous (`=1`) runs of the same workload, whose
-  completions are long enough that generation is 40-60% of a synchronous step; the first
-  `--warmup` steps of each are left out;
-- a GRPO run (16 prompts x 4 samples x 64 tokens) for its seconds per step;
+- synchronous (`rollout.max_staleness=0`) and asynchronous (`=1`) runs of the same workload, where
+  generation is 40-60% of a synchronous step; the first `--warmup` steps of each are left out.
+  On the CPU a batch of many sequences decodes near the machine's compute rate, and an update
+  costs about seven times a generated token's compute (policy and critic forward and backward,
+  reference forward), so generation is only ~6% of a step at 16 prompts x 4 samples x 64 tokens
+  (measured on the ~80M model, AMD EPYC with AVX512-BF16). Long completions of a few sequences
+  decode at the rate memory streams the weights instead, as decoding does on GPUs, which is what
+  makes generation dominate in the field's reports: the default is 1 prompt x 1 sample x 256 tokens
+  (at 2 samples generation was 33% of a step);
+- a GRPO run (16 prompts x 4 samples x 64 tokens, whatever the workload above) for its seconds
+  per step;
 - with `--gold-seeds`, full-length runs of the default tiny PPO workload, synchronous and
   asynchronous, one per seed: the held-out gold reward each ends at, so that what asynchronous
   mode costs in quality shows beside what it saves in time.
@@ -42,6 +49,14 @@ ONE_CORE_EACH = ["rollout.num_actors=1", "rollout.num_threads=1", "learner.world
 PHASES = (("generate", "gen_s"), ("score", "score_s"), ("experience", "make_experience_s"),
           ("train", "update_s"), ("sync", "sync_s"), ("idle", "gen_wait_s"))
 TARGETS = {"async_speedup": 1.5, "fraction_of_overlap_bound": 0.9}
+GRPO_WORKLOAD = (16, 4, 64)  # prompts, samples per prompt, new tokens
+GRPO_TIMED_STEPS = 3  # about 45 s each on the ~80M model with one core
+# The timed sync/async runs: one PPO pass per batch (the usual setting of asynchronous RL), and a
+# learning rate low enough that the policy does not learn to stop early within the run (at the
+# config's 1e-3 its completions fell from ~160 to ~10 tokens by the fifth step), so every step
+# times the same workload.
+STEADY = ["learner.ppo_epochs=1", "learner.lr=1e-6", "learner.critic_lr=1e-6"]
+MAX_MODEL_LEN = 512  # the embedded models' positions: room for the longest completions asked for
 
 
 def _steps(out_dir: Path, warmup: int) -> list[dict]:
@@ -91,9 +106,10 @@ def main() -> int:
                         help="the embedded model (small: the ~80M one)")
     parser.add_argument("--steps", type=int, default=12, help="steps per timed run")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the means")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per sample (generation's share grows with it)")
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per step")
+    parser.add_argument("--samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--tokens", type=int, default=256,
+                        help="new tokens per sample (with few sequences, generation's share grows with it)")
     parser.add_argument("--gold-seeds", type=int, nargs="*", default=[], help="seeds of the gold-reward comparison")
     parser.add_argument("--gold-steps", type=int, default=25, help="steps of each gold-reward run")
     parser.add_argument("--runs", default="runs/ppo_step", help="where the launches write (inside the repository)")
@@ -102,22 +118,27 @@ def main() -> int:
     root = REPO / args.runs
     load_start = load_average("at the start")
     t0 = time.perf_counter()
-    workload = [f"model.embedded={args.model}", f"run.steps={args.steps}", f"data.prompts_per_step={args.prompts}",
-                f"rollout.samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.tokens}",
-                f"learner.minibatch_size={args.prompts * args.samples}"]
+    def workload_of(prompts: int, samples: int, tokens: int) -> list[str]:
+        return [f"model.embedded={args.model}", f"run.steps={args.steps}", f"data.prompts_per_step={prompts}",
+                f"rollout.samples_per_prompt={samples}", f"rollout.max_new_tokens={tokens}",
+                f"learner.minibatch_size={prompts * samples}", f"model.max_model_len={MAX_MODEL_LEN}"]
+
+    workload = [*workload_of(args.prompts, args.samples, args.tokens), *STEADY]
     sync = timed_mode("sync", root, workload, 0, args.warmup)
     asyn = timed_mode("async", root, workload, 1, args.warmup)
     gen, step = sync["breakdown"]["generate"], sync["step_s"]
     bound = step / max(gen, step - gen)
     report = {
         "model": args.model, "prompts": args.prompts, "samples": args.samples, "tokens": args.tokens,
+        "grpo_workload": dict(zip(("prompts", "samples", "tokens"), GRPO_WORKLOAD)),
         "sync_steps_per_s": sync["steps_per_s"], "async_steps_per_s": asyn["steps_per_s"],
         "async_speedup": asyn["steps_per_s"] / sync["steps_per_s"], "overlap_bound": bound,
         "generation_share": gen / step, "breakdown": {"sync": sync["breakdown"], "async": asyn["breakdown"]},
         "sync": sync, "async": asyn,
     }
     report["fraction_of_overlap_bound"] = report["async_speedup"] / bound
-    grpo = timed_mode("grpo", root, [*workload, "learner.advantage=grpo"], 0, args.warmup)
+    grpo = timed_mode("grpo", root, [*workload_of(*GRPO_WORKLOAD), "learner.advantage=grpo",
+                                     f"run.steps={args.warmup + GRPO_TIMED_STEPS}"], 0, args.warmup)
     report["grpo_s_per_step"] = grpo["step_s"]
     report["grpo"] = grpo
     if args.gold_seeds:

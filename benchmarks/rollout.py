@@ -43,6 +43,7 @@ from flywheel.hardware import actor_threads, read_cpu_info
 
 CONFIG = "configs/local_tiny_ppo.yaml"
 MODELS = ("tiny", "small")
+HEADLINE_KEYS = ("vllm_tokens_per_s", "hf_tokens_per_s", "speedup", "roofline_tokens_per_s", "roofline_fraction")
 
 
 def load_cfg(args, model: str, overrides: list[str] = ()):
@@ -283,8 +284,12 @@ def main() -> int:
     load_start = load_average("at the start")
     results = {m: bench_model(args, m, dtype.dtype, threads) for m in args.models.split(",")}
     print_table(results)
+    # The headline keys at the top level are the largest model's (the ~80M one the targets name).
+    headline = results["small"] if "small" in results else results[list(results)[-1]]
     write_result(args.json, {"benchmark": "rollout", "quick": args.quick, "dtype_reason": dtype.reason,
-                             "config": args.config, "overrides": args.override, "models": results,
+                             "config": args.config, "overrides": args.override,
+                             **{k: headline[k] for k in HEADLINE_KEYS}, "headline_model_params": headline["params"],
+                             "models": results,
                              "load_average": {"start": load_start, "end": load_average("at the end")}})
     return 0
 

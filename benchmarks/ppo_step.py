@@ -11,11 +11,10 @@ on a cluster:
   generation is 40-60% of a synchronous step; the first `--warmup` steps of each are left out.
   On the CPU a batch of many sequences decodes near the machine's compute rate, and an update
   costs about seven times a generated token's compute (policy and critic forward and backward,
-  reference forward), so generation is only ~6% of a step at 16 prompts x 4 samples x 64 tokens
-  (measured on the ~80M model, AMD EPYC with AVX512-BF16). Long completions of a few sequences
-  decode at the rate memory streams the weights instead, as decoding does on GPUs, which is what
-  makes generation dominate in the field's reports: the default is 1 prompt x 1 sample x 256 tokens
-  (at 2 samples generation was 33% of a step);
+  reference forward), so generation is a small part of a step at 16 prompts x 4 samples x 64
+  tokens (the GRPO run below shows it). Long completions of a few sequences decode at the rate
+  memory streams the weights instead, as decoding does on GPUs, which is what makes generation
+  dominate in the field's reports: the default is 1 prompt x 1 sample x 256 tokens;
 - a GRPO run (16 prompts x 4 samples x 64 tokens, whatever the workload above) for its seconds
   per step;
 - with `--gold-seeds`, full-length runs of the default tiny PPO workload, synchronous and

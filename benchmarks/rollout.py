@@ -285,7 +285,7 @@ def main() -> int:
     results = {m: bench_model(args, m, dtype.dtype, threads) for m in args.models.split(",")}
     print_table(results)
     # The headline keys at the top level are the largest model's (the ~80M one the targets name).
-    headline = results["small"] if "small" in results else results[list(results)[-1]]
+    headline = results.get("small") or list(results.values())[-1]
     write_result(args.json, {"benchmark": "rollout", "quick": args.quick, "dtype_reason": dtype.reason,
                              "config": args.config, "overrides": args.override,
                              **{k: headline[k] for k in HEADLINE_KEYS}, "headline_model_params": headline["params"],

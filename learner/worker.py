@@ -284,7 +284,12 @@ class LearnerWorker:
         float32 bytes), for `sync.verify_weights`; all ranks call it (ZeRO-3 gathers)."""
         from flywheel.weight_buckets import weight_digest
 
-        return {name: weight_digest(t.float().cpu().contiguous().numpy()) for name, t in self._full_parameters()}
+        params = self._full_parameters()
+        if self.rank != 0:  # only rank 0's answer is used: take part in each ZeRO-3 gather, hash nothing
+            for _ in params:
+                pass
+            return {}
+        return {name: weight_digest(t.float().cpu().contiguous().numpy()) for name, t in params}
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:

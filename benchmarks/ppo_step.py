@@ -1,6 +1,7 @@
 """How much does asynchronous mode save?  PPO steps, synchronous against asynchronous, in one run.
 
     python benchmarks/ppo_step.py --json OUT.json [--model small] [--steps 12] [--gold-seeds 0 1 2]
+    python benchmarks/ppo_step.py --json OUT.json --gold-only --gold-seeds 0 1 2
 
 Each measurement is one `python -m cluster.launch` of `configs/local_tiny_ppo.yaml` (real vLLM,
 DeepSpeed, Ray and the HTTP reward service) with one rollout actor and one learner rank, each
@@ -19,7 +20,8 @@ on a cluster:
   per step;
 - with `--gold-seeds`, full-length runs of the default tiny PPO workload, synchronous and
   asynchronous, one per seed: the held-out gold reward each ends at, so that what asynchronous
-  mode costs in quality shows beside what it saves in time.
+  mode costs in quality shows beside what it saves in time (`--gold-only` runs just these; they
+  time nothing).
 
 Keys: `sync_steps_per_s`, `async_steps_per_s`, `async_speedup`, `overlap_bound` (the synchronous
 step time over the larger of its generation and non-generation parts: the most that perfect
@@ -94,8 +96,20 @@ def gold_runs(root: Path, seeds: list[int], steps: int) -> dict:
                                  "rollout.num_threads=1", "learner.num_threads=1"])
             out[mode].append(json.loads((run / "summary.json").read_text())["after"]["eval_gold_reward"])
     lo, hi = min(out["sync"]), max(out["sync"])
-    return {**out, "sync_spread": [lo, hi], "async_within_sync_spread": all(lo <= g <= hi for g in out["async"]),
-            "sync_mean": statistics.mean(out["sync"]), "async_mean": statistics.mean(out["async"])}
+    async_mean = statistics.mean(out["async"])
+    # The target: the asynchronous runs' final gold reward (their mean) inside the synchronous runs'
+    # spread. Whether every single asynchronous run lands inside it is reported beside it: with three
+    # seeds a side that holds even for two samplings of the same distribution only about one time in five.
+    return {**out, "sync_spread": [lo, hi], "sync_mean": statistics.mean(out["sync"]), "async_mean": async_mean,
+            "async_mean_within_sync_spread": lo <= async_mean <= hi,
+            "every_async_within_sync_spread": all(lo <= g <= hi for g in out["async"])}
+
+
+def _print_gold(g: dict) -> None:
+    print(f"gold reward after training: sync {[round(v, 4) for v in g['sync']]} (spread "
+          f"{g['sync_spread'][0]:.4f}-{g['sync_spread'][1]:.4f}), async {[round(v, 4) for v in g['async']]} "
+          f"(mean {g['async_mean']:.4f}: {'inside' if g['async_mean_within_sync_spread'] else 'outside'} "
+          "the synchronous spread)")
 
 
 def main() -> int:
@@ -111,6 +125,8 @@ def main() -> int:
                         help="new tokens per sample (with few sequences, generation's share grows with it)")
     parser.add_argument("--gold-seeds", type=int, nargs="*", default=[], help="seeds of the gold-reward comparison")
     parser.add_argument("--gold-steps", type=int, default=25, help="steps of each gold-reward run")
+    parser.add_argument("--gold-only", action="store_true",
+                        help="only the gold-reward comparison (nothing timed, so it may share the machine)")
     parser.add_argument("--runs", default="runs/ppo_step", help="where the launches write (inside the repository)")
     args = parser.parse_args()
 
@@ -122,6 +138,14 @@ def main() -> int:
                 f"rollout.samples_per_prompt={samples}", f"rollout.max_new_tokens={tokens}",
                 f"learner.minibatch_size={prompts * samples}", f"model.max_model_len={MAX_MODEL_LEN}"]
 
+    if args.gold_only:
+        if not args.gold_seeds:
+            parser.error("--gold-only needs --gold-seeds")
+        report = {"gold": gold_runs(root, args.gold_seeds, args.gold_steps), "gold_steps": args.gold_steps,
+                  "wall_s": time.perf_counter() - t0}
+        _print_gold(report["gold"])
+        write_result(args.json, report)
+        return 0
     workload = [*workload_of(args.prompts, args.samples, args.tokens), *STEADY]
     sync = timed_mode("sync", root, workload, 0, args.warmup)
     asyn = timed_mode("async", root, workload, 1, args.warmup)
@@ -153,9 +177,7 @@ def main() -> int:
     print(f"\ngeneration share {report['generation_share']:.2f} (wanted 0.4-0.6); async speedup "
           f"{report['async_speedup']:.2f} of at most {bound:.2f} ({report['fraction_of_overlap_bound']:.2f} of the bound)")
     if "gold" in report:
-        g = report["gold"]
-        print(f"gold reward: sync {g['sync']} (spread {g['sync_spread']}), async {g['async']}: "
-              f"{'within' if g['async_within_sync_spread'] else 'outside'} the synchronous spread")
+        _print_gold(report["gold"])
     if not 0.4 <= report["generation_share"] <= 0.6:
         print("warning: generation is outside 40-60% of a synchronous step; change --tokens")
     write_result(args.json, report)

@@ -12,7 +12,10 @@ them (`actor_threads`: one per actor and for the learner by default).
 `sync_s` is the median wall time of one update (meta handed over, every bucket
 broadcast, loaded into vLLM, acknowledged), after one warm-up update;
 `memcpy_s` the median time of one `copy_` of the flattened weights (same bytes)
-into a preallocated buffer on the learner's threads.  The actors also report
+into a preallocated buffer on the learner's threads; `repack_s` the median time of the CPU
+engine's own prepacking (oneDNN's blocked layout) of every linear weight on an actor's
+threads, which any update of a running CPU engine pays (`sync_over_repack` beside
+`sync_over_memcpy`).  The actors also report
 where their time went: in the broadcasts (the receiving thread), in
 `load_weights` (which also repacks each completed layer's CPU GEMM weights),
 and in the layerwise reload's start and finish; the first two overlap, so
@@ -179,6 +182,39 @@ def memcpy_seconds(model_path: str, dtype: str, repeats: int = 20) -> tuple[floa
     return statistics.median(times), flat.numel(), params
 
 
+def repack_seconds(model_path: str, dtype: str, threads: int, repeats: int = 5) -> float | None:
+    """Median seconds of the CPU engine's own GEMM prepacking (vLLM's oneDNN `create_onednn_mm`) of
+    every linear weight, fused as the engine fuses them (q/k/v, gate/up), on `threads` threads as an
+    actor has: what any update of a running CPU engine costs at least, since the engine keeps only
+    the prepacked copies. None where vLLM's CPU ops have no oneDNN."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm import _custom_ops as ops
+
+    if not ops._supports_onednn:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    weights = [model.lm_head.weight.detach()]
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        weights += [torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+                    attn.o_proj.weight.detach(), torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                    mlp.down_proj.weight.detach()]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        handlers = [ops.create_onednn_mm(w.t(), 32) for w in weights]  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            handlers = [ops.create_onednn_mm(w.t(), 32) for w in weights]
+            times.append(time.perf_counter() - t0)
+        del handlers
+    finally:
+        torch.set_num_threads(before)
+    return statistics.median(times)
+
+
 def _get(results, expected: str):
     kind, payload = results.get(timeout=TIMEOUT_S)
     if kind != expected:
@@ -216,20 +252,25 @@ def main() -> int:
     print(f"{dtype.reason} actor threads {actor_t}, learner threads {learner_t}, bucket {cfg.sync.bucket_mb} MiB")
     load_start = load_average("at the start")
     memcpy_s, nbytes, params = memcpy_seconds(path, dtype.dtype)
+    repack_s = repack_seconds(path, dtype.dtype, actor_t)
     report = {"benchmark": "weight_sync", "quick": args.quick, "model": args.model, "params": params,
               "bytes": nbytes, "dtype": dtype.dtype, "bucket_mb": cfg.sync.bucket_mb, "memcpy_s": memcpy_s,
-              "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}
+              "repack_s": repack_s, "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}
+    if repack_s is not None:
+        print(f"the engine's own GEMM prepacking of every linear weight: {repack_s:.4f} s "
+              f"({repack_s / memcpy_s:.1f}x the copy) on {actor_t} thread(s)")
     print(f"{'actors':>6} {'params':>12} {'bytes':>12} {'sync_s':>8} {'memcpy_s':>9} {'ratio':>7} {'GB/s':>6}  "
           "actor phases (s)")
     for n in (int(a) for a in args.actors.split(",")):
         r = sync_into(args, cfg, path, dtype.dtype, n)
         r.update(params=params, bytes=nbytes, memcpy_s=memcpy_s, sync_over_memcpy=r["sync_s"] / memcpy_s,
-                 gb_per_s=nbytes / r["sync_s"] / 1e9)
+                 gb_per_s=nbytes / r["sync_s"] / 1e9,
+                 sync_over_repack=r["sync_s"] / repack_s if repack_s else None)
         report["actors"][str(n)] = r
         phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
         print(f"{n:>6} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
               f"{r['sync_over_memcpy']:>7.1f} {r['gb_per_s']:>6.2f}  {phases}")
-    report.update({k: report["actors"]["1"][k] for k in ("sync_s", "sync_over_memcpy", "gb_per_s")}
+    report.update({k: report["actors"]["1"][k] for k in ("sync_s", "sync_over_memcpy", "gb_per_s", "sync_over_repack")}
                   if "1" in report["actors"] else {})
     report["load_average"] = {"start": load_start, "end": load_average("at the end")}
     write_result(args.json, report)

@@ -1,9 +1,10 @@
 """End-to-end: a run survives the death of its processes, through the real entry point and stack.
 
-The run's own reward service SIGKILLed during a run is started again by the driver and the
-step's rollout scored again; a rollout actor SIGKILLed while it generates is replaced, given
-the current weights, and its share of the batch generated again with the same seeds. Every
-step is logged once with all its samples and finite scores, and no process is left behind.
+In one run of two rollout actors, the run's own reward service is SIGKILLed once step 0 is
+logged and is started again by the driver, the step's rollout scored again; then rollout actor 1
+is SIGKILLed while it generates step 2, is replaced, given the current weights, and its share of
+the batch generated again with the same seeds. Every step is logged once with all its samples and
+finite scores, and no process is left behind. And a stop signal mid-run stops every process.
 """
 
 from __future__ import annotations
@@ -53,32 +54,11 @@ def _assert_each_step_once_and_whole(out: Path, steps: int) -> list[dict]:
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_reward_service_is_restarted_and_the_step_scored_again(tmp_path):
-    marker = uuid.uuid4().hex
-    out = tmp_path / "run"
-    shm_before = _shm_files()
-    proc = _start_and_wait(out, ["run.steps=3", "run.checkpoint_every=0"], marker, lines=1)
-    try:
-        pid = int((out / "reward_service.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
-    except BaseException:
-        _stop(proc)
-        raise
-    stderr = _finish(proc, timeout_s=400)
-    assert "reward service at http://127.0.0.1:" in stderr and f"(pid {pid}) exited with code -9" in stderr, \
-        stderr[-4000:]
-    records = _assert_each_step_once_and_whole(out, 3)
-    assert records[0]["reward_service_restarts"] == 0
-    assert sum(r["reward_service_restarts"] for r in records) == 1, [r["reward_service_restarts"] for r in records]
-    assert not (out / "reward_service.pid").exists()  # removed when the run stopped the service
-    _assert_no_leftovers(marker, shm_before)
-
-
-@pytest.mark.timeout(600)
-def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_again(tmp_path):
-    """Two actors; actor 1 is SIGKILLed while it generates step 2 (it holds there for the kill,
-    through the test hook in actors/rollout.py). The step completes with every sample once,
-    and the new actor passes the weight-sync check: it holds the learner's weights."""
+def test_a_killed_reward_service_and_a_killed_rollout_actor_each_cost_a_step_again(tmp_path):
+    """The reward service is SIGKILLed once step 0 is logged (the driver restarts it and scores the
+    step it was scoring again); actor 1 is SIGKILLed while it generates step 2 (it holds there for
+    the kill, through the test hook in actors/rollout.py). Each step completes with every sample once, and the new actor
+    passes the weight-sync check: it holds the learner's weights."""
     marker = uuid.uuid4().hex
     out = tmp_path / "run"
     hold = tmp_path / "hold_actor"
@@ -91,6 +71,9 @@ def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_aga
     finally:
         del os.environ["FLYWHEEL_TEST_HOLD_ROLLOUT"]
     try:
+        _wait_until(lambda: _lines_logged(out) >= 1, proc, "step 0's metrics line", timeout_s=400)
+        service = int((out / "reward_service.pid").read_text())
+        os.kill(service, signal.SIGKILL)
         pid_file = Path(f"{hold}.pid")
         _wait_until(pid_file.exists, proc, "actor 1 holding in step 2", timeout_s=400)
         pid = int(pid_file.read_text())
@@ -102,8 +85,13 @@ def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_aga
         _stop(proc)
         raise
     stderr = _finish(proc, timeout_s=400)
+    assert "reward service at http://127.0.0.1:" in stderr and f"(pid {service}) exited with code -9" in stderr, \
+        stderr[-4000:]
     assert "rollout actor 1 died while generating" in stderr, stderr[-4000:]
     records = _assert_each_step_once_and_whole(out, 4)
+    assert records[0]["reward_service_restarts"] == 0
+    assert sum(r["reward_service_restarts"] for r in records) == 1, [r["reward_service_restarts"] for r in records]
+    assert not (out / "reward_service.pid").exists()  # removed when the run stopped the service
     assert [r["actor_restarts"] for r in records] == [0, 0, 1, 0]
     assert [r["policy_version"] for r in records] == [0, 1, 2, 3]
     for r in records[2:]:
@@ -119,13 +107,14 @@ def test_a_rollout_actor_killed_mid_step_is_replaced_and_its_share_generated_aga
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_stops_every_process_and_keeps_the_last_checkpoint(tmp_path, signum):
-    """SIGTERM (what `ray job stop`, `kill` and schedulers send) and SIGINT (Ctrl-C) mid-run: the
-    launcher exits with 130, prints the command that resumes, leaves no process or shared memory,
-    and the checkpoint written before the signal is whole; the logged steps are each there once.
-    The launcher starts with the signal ignored and blocked, as a parent may hand it down (a
-    shell's background job; a process that blocked it): it must take the signal all the same."""
+def test_a_stop_signal_stops_every_process_and_keeps_the_last_checkpoint(tmp_path):
+    """SIGTERM (what `ray job stop`, `kill` and schedulers send) mid-run: the launcher exits with
+    130, prints the command that resumes, leaves no process or shared memory, and the checkpoint
+    written before the signal is whole; the logged steps are each there once. The launcher starts
+    with the signal ignored and blocked, as a parent may hand it down (a shell's background job; a
+    process that blocked it): it must take the signal all the same. SIGINT (Ctrl-C) takes the same
+    handler, which tests/unit/test_launch_signals.py checks for both signals."""
+    signum = signal.SIGTERM
     marker = uuid.uuid4().hex
     out = tmp_path / "run"
     shm_before = _shm_files()

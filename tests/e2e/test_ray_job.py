@@ -105,7 +105,9 @@ def test_ray_job_stop_stops_every_process_of_the_run(ray_head, tmp_path):
     submitted = _submit(f"--address={address}", f"--submission-id={job_id}", "--no-wait",
                         "--working-dir", ".", "--", "python", "-m", "cluster.launch", "--config",
                         "configs/local_tiny_ppo.yaml", "--output-dir", str(tmp_path / "stopped"), "run.steps=500",
-                        "learner.world_size=1", "rollout.num_actors=1", env=env, timeout_s=120)
+                        "run.eval_prompts=8", "data.prompts_per_step=8", "rollout.samples_per_prompt=2",
+                        "learner.minibatch_size=16", "learner.world_size=1", "rollout.num_actors=1", env=env,
+                        timeout_s=120)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     # Wait (bounded) until the run is training, then stop it as a user would.
     metrics = tmp_path / "stopped" / "metrics.jsonl"

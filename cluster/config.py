@@ -126,6 +126,9 @@ class SyncConfig:
     check_tolerance: float | None = setting(
         None, "largest |vLLM - learner| logprob of the probe sequence after a sync before the run stops; "
         "null: 0.1 in bfloat16 (different kernels round differently), 0.002 in float32", gt=0)
+    probe_tokens: int = setting(
+        64, "longest probe sequence (prompt and completion tokens) of the sync check: any mismatch of weights "
+        "shows on the first tokens, and each check reads it three times per sync", min=2)
     verify_weights: bool = setting(
         False, "after every sync, read every weight back from every actor's engine and compare it with the "
         "learner's, exactly; the run stops naming any that differ (costs a forward per layer: for tests and debugging)")

@@ -215,9 +215,11 @@ STALE_FRACTION = 0.5
 class SyncProbe:
     """A fixed token sequence whose logprobs are read from every actor and the learner around each sync."""
 
-    def __init__(self, prompt_ids: np.ndarray, completion_ids: np.ndarray, max_model_len: int, tolerance: float):
-        # vLLM scores a sequence as a prompt that must leave room for one generated token.
-        budget = max_model_len - 1
+    def __init__(self, prompt_ids: np.ndarray, completion_ids: np.ndarray, max_model_len: int, tolerance: float,
+                 max_tokens: int | None = None):
+        # vLLM scores a sequence as a prompt that must leave room for one generated token; at most
+        # max_tokens of it (the completion's first tokens, after the end of the prompt).
+        budget = max_model_len - 1 if max_tokens is None else min(max_model_len - 1, max_tokens)
         completion = [int(x) for x in completion_ids][: max(1, budget - len(prompt_ids))]
         self.prompt_ids = [int(x) for x in prompt_ids][-(budget - len(completion)) :]
         self.completion_ids = completion
@@ -368,7 +370,7 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
             gen_wait_s, generating, synced = time.perf_counter() - t_step, None, {"sync_s": 0.0}
             if probe is None and cfg.run.check_sync:
                 probe = SyncProbe(rollout.prompt_ids[0], rollout.completion_ids[0], cfg.model.max_model_len,
-                                  sync_tolerance(cfg, precision.dtype))
+                                  sync_tolerance(cfg, precision.dtype), cfg.sync.probe_tokens)
             # Asynchronous: the actors start on the next batch before the learner trains on this one.
             # Not across a checkpoint: the next batch then comes from the checkpointed weights, so a
             # resumed run generates it again the same.
@@ -426,7 +428,7 @@ def restore(services: Services, prompts: PromptStream, resume: checkpoints.Check
     if state.probe is None:
         return step, None
     return step, SyncProbe(np.asarray(state.probe["prompt_ids"]), np.asarray(state.probe["completion_ids"]),
-                           cfg.model.max_model_len, sync_tolerance(cfg, dtype))
+                           cfg.model.max_model_len, sync_tolerance(cfg, dtype), cfg.sync.probe_tokens)
 
 
 def describe_machine(cfg: FlywheelConfig):

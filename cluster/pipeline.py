@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +41,23 @@ def stage_config(cfg: FlywheelConfig, stage: str, done: dict[str, str]) -> Flywh
 
 def run_pipeline(cfg: FlywheelConfig) -> dict[str, Any]:
     """Run `run.stages` in order; returns the summary also written to output_dir/pipeline.json."""
-    from cluster.driver import run
+    from cluster.driver import run, start_ray
     from cluster.stages import run_stage
 
     done: dict[str, str] = {}
     summaries: dict[str, Any] = {}
     total = 0.0
-    for stage in cfg.run.stages:
-        stage_cfg = stage_config(cfg, stage, done)
-        log.info("pipeline: %s in %s", stage, stage_cfg.run.output_dir)
-        summary = run(stage_cfg) if stage == "ppo" else run_stage(stage_cfg)
-        if summary.get("model"):
-            done[stage] = summary["model"]
-        summaries[stage] = {k: v for k, v in summary.items() if k != "machine"}
-        total += summary["total_s"]
+    with ExitStack() as stack:
+        # One Ray for all the stages (each stage joins it rather than starting and stopping its own).
+        start_ray(cfg, stack)
+        for stage in cfg.run.stages:
+            stage_cfg = stage_config(cfg, stage, done)
+            log.info("pipeline: %s in %s", stage, stage_cfg.run.output_dir)
+            summary = run(stage_cfg) if stage == "ppo" else run_stage(stage_cfg)
+            if summary.get("model"):
+                done[stage] = summary["model"]
+            summaries[stage] = {k: v for k, v in summary.items() if k != "machine"}
+            total += summary["total_s"]
     result = {"stages": cfg.run.stages, "summaries": summaries, "total_s": total}
     Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run.output_dir) / "pipeline.json").write_text(json.dumps(result, indent=2))

@@ -68,6 +68,15 @@ def test_probe_fits_the_context():
     assert len(longest.prompt_ids) + len(longest.completion_ids) <= 255 and longest.completion_ids == [0]
 
 
+def test_probe_keeps_the_first_tokens_of_a_long_completion():
+    # sync.probe_tokens caps the sequence read three times per sync: the prompt, then the completion's start.
+    probe = SyncProbe(np.arange(8), np.arange(100, 300), max_model_len=512, tolerance=0.1, max_tokens=64)
+    assert probe.prompt_ids == list(range(8)) and probe.completion_ids == list(range(100, 156))
+    # A prompt longer than the cap keeps its end and one completion token.
+    long_prompt = SyncProbe(np.arange(100), np.arange(100, 120), max_model_len=512, tolerance=0.1, max_tokens=64)
+    assert long_prompt.prompt_ids == list(range(37, 100)) and long_prompt.completion_ids == [100]
+
+
 def test_shared_memory_cleanup_removes_only_the_groups_own_buffers(tmp_path, monkeypatch):
     """DeepSpeed names its buffers ..._{uid}_{addr}_{port}_{rank}; a run removes its own, never others'."""
     import learner.engine as worker

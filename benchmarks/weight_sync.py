@@ -164,12 +164,10 @@ def meta_buckets(meta):
     return plan_buckets(meta.specs, meta.bucket_bytes)
 
 
-def memcpy_seconds(model_path: str, dtype: str, repeats: int = 20) -> tuple[float, int, int]:
-    """Median seconds of one copy of the flattened weights; their bytes; their parameter count."""
+def memcpy_seconds(model, repeats: int = 20) -> tuple[float, int, int]:
+    """Median seconds of one copy of the model's flattened weights; their bytes; their parameter count."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     flat = torch.cat([p.detach().reshape(-1).view(torch.uint8) for p in model.parameters()])
     params = sum(p.numel() for p in model.parameters())
     dst = torch.empty_like(flat)
@@ -182,18 +180,16 @@ def memcpy_seconds(model_path: str, dtype: str, repeats: int = 20) -> tuple[floa
     return statistics.median(times), flat.numel(), params
 
 
-def repack_seconds(model_path: str, dtype: str, threads: int, repeats: int = 5) -> float | None:
+def repack_seconds(model, threads: int, repeats: int = 5) -> float | None:
     """Median seconds of the CPU engine's own GEMM prepacking (vLLM's oneDNN `create_onednn_mm`) of
     every linear weight, fused as the engine fuses them (q/k/v, gate/up), on `threads` threads as an
     actor has: what any update of a running CPU engine costs at least, since the engine keeps only
     the prepacked copies. None where vLLM's CPU ops have no oneDNN."""
     import torch
-    from transformers import AutoModelForCausalLM
     from vllm import _custom_ops as ops
 
     if not ops._supports_onednn:
         return None
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     weights = [model.lm_head.weight.detach()]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -251,8 +247,12 @@ def main() -> int:
     path = ensure_embedded_model("policy", embedded_spec(args.model))
     print(f"{dtype.reason} actor threads {actor_t}, learner threads {learner_t}, bucket {cfg.sync.bucket_mb} MiB")
     load_start = load_average("at the start")
-    memcpy_s, nbytes, params = memcpy_seconds(path, dtype.dtype)
-    repack_s = repack_seconds(path, dtype.dtype, actor_t)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype.dtype))
+    memcpy_s, nbytes, params = memcpy_seconds(model)
+    repack_s = repack_seconds(model, actor_t)
+    del model
     report = {"benchmark": "weight_sync", "quick": args.quick, "model": args.model, "params": params,
               "bytes": nbytes, "dtype": dtype.dtype, "bucket_mb": cfg.sync.bucket_mb, "memcpy_s": memcpy_s,
               "repack_s": repack_s, "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}

@@ -186,9 +186,7 @@ def load(out_dir: str | Path, cfg: FlywheelConfig) -> Checkpoint:
 
 def fresh_start(out_dir: str | Path) -> None:
     """A run from step 0 clears the checkpoints of an earlier run in its directory: kept, they would
-    be pruned in the wrong order and a later --resume could continue the other run. The earlier
-    run's metrics.jsonl moves to metrics.previous.jsonl: appended to, it would give every step twice
-    to the dashboard and to anything reading the file."""
+    be pruned in the wrong order and a later --resume could continue the other run."""
     remove_partial(out_dir)
     earlier = complete(out_dir)
     if earlier:
@@ -196,18 +194,6 @@ def fresh_start(out_dir: str | Path) -> None:
                     "that run instead, pass --resume %s)", len(earlier), root(out_dir), out_dir)
     for path in earlier:
         shutil.rmtree(path)
-    set_aside_earlier_metrics(out_dir, f"to continue that run instead, pass --resume {out_dir}")
-
-
-def set_aside_earlier_metrics(out_dir: str | Path, hint: str = "") -> None:
-    """Move an earlier run's metrics.jsonl in `out_dir` to metrics.previous.jsonl, so a run from
-    its first step does not append to it."""
-    metrics = Path(out_dir) / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size:
-        kept = metrics.with_name("metrics.previous.jsonl")
-        log.warning("%s holds the steps of an earlier run: moved to %s, since this run starts from its first "
-                    "step%s", metrics, kept.name, f" ({hint})" if hint else "")
-        metrics.replace(kept)
 
 
 def describe_latest(out_dir: str | Path) -> str:

@@ -334,7 +334,8 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
     task = get_task(cfg.data.task)
     if resume:
         checkpoints.truncate_metrics(out_dir / "metrics.jsonl", resume.driver.step)
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", cfg.run.steps, sinks=step_sinks(cfg.monitor, out_dir))
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", cfg.run.steps, sinks=step_sinks(cfg.monitor, out_dir),
+                            resumed=resume is not None)
     summary: dict[str, Any] = {"model_path": model_path, "steps": cfg.run.steps, "dtype": precision.dtype,
                                "dtype_reason": precision.reason, "machine": machine}
     with (live_dashboard(cfg.monitor, out_dir, metrics.progress),

@@ -45,10 +45,18 @@ class Sink(Protocol):
 class MetricsWriter:
     """Appends one JSON line per step and logs a console line: the step out of the total, the key
     figures, and the time left at the mean pace of the steps so far.  Each sink gets the record
-    too; a sink that fails is reported once and dropped, never stopping the run."""
+    too; a sink that fails is reported once and dropped, never stopping the run.
+
+    Only a resumed run (`resumed=True`) appends to an earlier run's file; otherwise that file moves
+    to metrics.previous.jsonl, since appended to it would give every reader each step twice."""
 
     def __init__(self, path: Path, total_steps: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 sinks: list[Sink] | None = None):
+                 sinks: list[Sink] | None = None, resumed: bool = False):
+        if not resumed and path.is_file() and path.stat().st_size:
+            kept = path.with_name(f"{path.stem}.previous{path.suffix}")
+            log.warning("%s holds the steps of an earlier run: moved to %s, since this run starts from its "
+                        "first step (to continue a PPO run instead, pass --resume)", path, kept.name)
+            path.replace(kept)
         self.path = path
         self.total_steps = total_steps
         self._clock = clock

@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cluster import checkpoints
 from cluster.config import FlywheelConfig
 from cluster.driver import describe_machine, resolve_model, start_ray
 from cluster.exporters import TensorBoardSink
@@ -275,7 +274,6 @@ def run_stage(cfg: FlywheelConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"stage": cfg.run.stage, "start_from": start_from, "dtype": precision.dtype,
                                "machine": machine}
     tensorboard = [TensorBoardSink(out_dir / "tensorboard")] if cfg.monitor.tensorboard else []
-    checkpoints.set_aside_earlier_metrics(out_dir)
     metrics = MetricsWriter(out_dir / "metrics.jsonl", sinks=tensorboard)
     with ExitStack() as stack:
         start_ray(cfg, stack)

@@ -63,16 +63,6 @@ def test_a_fresh_run_clears_an_earlier_runs_checkpoints(tmp_path):
     assert [p.name for p in checkpoints.complete(tmp_path)] == ["step_000010"]
 
 
-def test_a_fresh_run_moves_an_earlier_runs_metrics_aside(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n')
-    checkpoints.fresh_start(tmp_path)
-    # Appended to, the file would hold steps 0, 1, 0, 1, ...: every reader would see each step twice.
-    assert not (tmp_path / "metrics.jsonl").exists()
-    assert (tmp_path / "metrics.previous.jsonl").read_text() == '{"step": 0}\n{"step": 1}\n'
-    checkpoints.fresh_start(tmp_path)  # nothing to move: the earlier file stays
-    assert (tmp_path / "metrics.previous.jsonl").is_file()
-
-
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
     with pytest.raises(ConfigError, match="has no complete checkpoint.*checkpoint_every > 0"):
         checkpoints.load(tmp_path, _cfg(tmp_path))

@@ -37,3 +37,17 @@ def test_console_line_shows_progress_and_time_left(tmp_path):
     writer.close()
     # Without a known total: the step and the figures only.
     assert MetricsWriter(tmp_path / "m2.jsonl").console_line({"step": 7, "kl": 1.0}) == "step 7 kl=1"
+
+
+def test_a_fresh_run_moves_an_earlier_runs_metrics_aside(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n')
+    MetricsWriter(tmp_path / "metrics.jsonl").close()
+    # Appended to, the file would hold steps 0, 1, 0, 1, ...: every reader would see each step twice.
+    assert not (tmp_path / "metrics.jsonl").read_text()
+    assert (tmp_path / "metrics.previous.jsonl").read_text() == '{"step": 0}\n{"step": 1}\n'
+    MetricsWriter(tmp_path / "metrics.jsonl").close()  # nothing to move: the earlier file stays
+    assert (tmp_path / "metrics.previous.jsonl").is_file()
+    # A resumed run appends to its own file.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    MetricsWriter(tmp_path / "metrics.jsonl", resumed=True).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'

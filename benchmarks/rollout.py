@@ -13,11 +13,17 @@ masked until then: vLLM's `min_tokens`, transformers' `min_new_tokens`; counted)
   from an empty compile cache and again reusing it, to show what a second start
   costs;
 - prefix caching on and off with `--samples` samples sharing each prompt;
+- the engine with vLLM's CPU default KV block of 128 tokens against the actor's
+  (`rollout.block_size`, 32 on CPU), and with its linear weights left in
+  torch's layout instead of prepacked for oneDNN (what a weight update need not
+  repack; see benchmarks/weight_sync.py);
 - the compute roofline: this machine's matrix-multiply rate in the model's
   dtype, measured here (the better of the model's own linear shapes at the
   batch in flight and a 2048^3 product), divided by 2 * params FLOP per token.
 
-Each engine runs in its own process, one at a time; dtype (model.dtype auto) and
+Both sides generate the whole batch 1 + `--passes` times; the median of all
+but the first pass counts (the first is a warm-up, as every RL step after the
+first is warm; its time is kept as `first_wall_s`). Each engine runs in its own process, one at a time; dtype (model.dtype auto) and
 threads (all cores this process may use, as `rollout.num_threads` would give the
 actor) follow the hardware as a run chooses them.
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -79,14 +86,17 @@ def run_vllm(spec: dict) -> dict:
     t0 = time.perf_counter()
     worker = RolloutWorker(**rollout_worker_kwargs(cfg, spec["model_path"], spec["dtype"], 0),
                            compile_cache_dir=spec["compile_cache_dir"],
-                           enable_prefix_caching=spec["prefix_caching"])
+                           enable_prefix_caching=spec["prefix_caching"],
+                           prepack_cpu_weights=spec.get("prepack", True))
     init_s = time.perf_counter() - t0
     gen = {**generate_kwargs(cfg), "min_new_tokens": cfg.rollout.max_new_tokens}
     batch = prompts(worker._tokenizer, spec["prompts"], gen["n"], cfg.run.seed)
-    worker.generate(batch.split(max(1, len(batch) // 8))[0], **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
-    t0 = time.perf_counter()
-    rollout = worker.generate(batch, **gen)
-    wall = time.perf_counter() - t0
+    walls = []
+    for _ in range(1 + spec["passes"]):  # the first is the warm-up: it also touches the KV cache's pages
+        t0 = time.perf_counter()
+        rollout = worker.generate(batch, **gen)
+        walls.append(time.perf_counter() - t0)
+    first_wall, wall = walls[0], statistics.median(walls[1:])
     tokens = rollout.num_tokens
     expected = len(batch) * gen["n"] * gen["max_new_tokens"]
     if tokens != expected:
@@ -94,7 +104,8 @@ def run_vllm(spec: dict) -> dict:
     engine = worker._llm.llm_engine.vllm_config
     import torch
 
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "init_s": init_s,
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "first_wall_s": first_wall,
+            "walls_s": walls[1:], "init_s": init_s,
             "block_size": engine.cache_config.block_size, "torch_threads": torch.get_num_threads(),
             "prompt_tokens_mean": sum(len(p) for p in batch.prompt_ids) / len(batch)}
 
@@ -118,17 +129,19 @@ def run_hf(spec: dict) -> dict:
     sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                     max_new_tokens=r.max_new_tokens, min_new_tokens=r.max_new_tokens, pad_token_id=tok.pad_token_id)
     torch.manual_seed(cfg.run.seed)
+    walls = []
     with torch.no_grad():
-        model.generate(input_ids=ids[:8], attention_mask=mask[:8], **{**sampling, "max_new_tokens": 4,
-                                                                      "min_new_tokens": 4})
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, **sampling)
-        wall = time.perf_counter() - t0
+        for _ in range(1 + spec["passes"]):  # the first is the warm-up, as for vLLM
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, **sampling)
+            walls.append(time.perf_counter() - t0)
+    first_wall, wall = walls[0], statistics.median(walls[1:])
     new = out[:, width:]  # min_new_tokens masked EOS, so no row ended early (none is padded)
     tokens = new.numel()
     if tuple(new.shape) != (len(batch), r.max_new_tokens) or bool((new == tok.eos_token_id).any()):
         raise RuntimeError(f"generate made {tuple(new.shape)} tokens, expected {len(batch)} x {r.max_new_tokens}")
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "torch_threads": torch.get_num_threads()}
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "first_wall_s": first_wall,
+            "walls_s": walls[1:], "torch_threads": torch.get_num_threads()}
 
 
 def _child(target, spec: dict, results) -> None:
@@ -198,7 +211,7 @@ def bench_model(args, model: str, dtype: str, threads: int) -> dict:
     path = ensure_embedded_model("policy", embedded_spec(model))
     params = count_parameters(path)
     base = {"model_path": path, "dtype": dtype, "prompts": args.prompts, "compile_cache_dir": None,
-            "prefix_caching": True}
+            "prefix_caching": True, "passes": args.passes}
     out: dict = {"params": params, "dtype": dtype, "threads": threads, "prompts": args.prompts,
                  "new_tokens": args.new_tokens}
 
@@ -217,6 +230,12 @@ def bench_model(args, model: str, dtype: str, threads: int) -> dict:
                                             f"rollout.samples_per_prompt={args.samples}"])}
     out["prefix_caching_on"] = in_process(run_vllm, shared)
     out["prefix_caching_off"] = in_process(run_vllm, {**shared, "prefix_caching": False})
+    same_mode = f"rollout.enforce_eager={str(mode == 'eager').lower()}"
+    # The engine as vLLM's CPU default would build it: 128-token KV blocks.
+    out["vllm_block_128"] = in_process(run_vllm, {**base, "cfg": load_cfg(args, model, [same_mode, "rollout.block_size=128"])})
+    # Linear weights in torch's layout, not prepacked for oneDNN: what a weight update would cost
+    # nothing to repack for (benchmarks/weight_sync.py), at this generation speed.
+    out["vllm_unpacked"] = in_process(run_vllm, {**base, "cfg": load_cfg(args, model, [same_mode]), "prepack": False})
 
     rates = matmul_flops(path, dtype, rows=args.prompts)
     flops = max(rates.values())
@@ -234,6 +253,9 @@ def bench_model(args, model: str, dtype: str, threads: int) -> dict:
         compile_second_init_s=out["vllm_compiled"]["init_s"],
         eager_init_s=out["vllm_eager"]["init_s"],
         prefix_caching_speedup=out["prefix_caching_on"]["tokens_per_s"] / out["prefix_caching_off"]["tokens_per_s"],
+        block_size=best["block_size"],
+        block_size_speedup_over_128=best["tokens_per_s"] / out["vllm_block_128"]["tokens_per_s"],
+        unpacked_over_prepacked=out["vllm_unpacked"]["tokens_per_s"] / best["tokens_per_s"],
     )
     return out
 
@@ -244,7 +266,9 @@ def print_table(results: dict) -> None:
             ("vllm_tokens_per_s", "{:.0f}"), ("speedup", "{:.2f}x"), ("matmul_gflop_per_s", "{:.0f}"),
             ("roofline_tokens_per_s", "{:.0f}"), ("roofline_fraction", "{:.2f}"), ("eager_init_s", "{:.1f}"),
             ("compile_first_init_s", "{:.1f}"), ("compile_second_init_s", "{:.1f}"),
-            ("prefix_caching_on", "{:.0f}"), ("prefix_caching_off", "{:.0f}"), ("prefix_caching_speedup", "{:.2f}x")]
+            ("prefix_caching_on", "{:.0f}"), ("prefix_caching_off", "{:.0f}"), ("prefix_caching_speedup", "{:.2f}x"),
+            ("block_size", "{}"), ("vllm_block_128", "{:.0f}"), ("block_size_speedup_over_128", "{:.2f}x"),
+            ("vllm_unpacked", "{:.0f}"), ("unpacked_over_prepacked", "{:.2f}x")]
     names = list(results)
     print(f"{'':<24}" + "".join(f"{n:>14}" for n in names))
     for key, fmt in rows:
@@ -262,6 +286,7 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="embedded models, comma-separated")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--passes", type=int, default=3, help="timed passes after the warm-up; their median counts")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt in the prefix-caching runs")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--config", default=CONFIG, help="sampling settings come from its rollout section")

@@ -93,6 +93,10 @@ class RolloutConfig:
         True, "skip torch.compile in vLLM; false compiles at start (tens of seconds the first time on a machine, "
         "less once torch's compile cache under the flywheel cache holds the graphs), faster for big models")
     kv_cache_gib: float = setting(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
+    block_size: int | None = setting(
+        None, "tokens per KV-cache block; null: 32 on cpu (vLLM's CPU attention reads whole blocks, and its "
+        "default of 128 spends that work on padding when sequences are short), vLLM's own default on cuda; "
+        "on cpu a multiple of 32", min=1)
     gpu_memory_utilization: float = setting(0.4, "fraction of GPU memory per engine on cuda", gt=0, max=1)
     start_timeout_s: float = setting(300.0, "deadline for an actor's vLLM engine to start", gt=0)
     max_restarts: int = setting(
@@ -264,6 +268,12 @@ def check_config(cfg: FlywheelConfig) -> None:
             f"learner.critic_warmup_steps: {cfg.learner.advantage} trains no critic, so warm-up steps would "
             f"train nothing; set it to 0 (got {cfg.learner.critic_warmup_steps})"
         )
+    if cfg.learner.critic_trunk == "shared" and cfg.learner.critic_warmup_steps:
+        raise ConfigError(
+            "learner.critic_warmup_steps: with learner.critic_trunk=shared the value loss trains the policy's own "
+            f"trunk, so warm-up steps would change the policy before PPO starts; set it to 0 (got "
+            f"{cfg.learner.critic_warmup_steps}) or use learner.critic_trunk=separate"
+        )
     for name in ("sft", "reward_model", "dpo"):
         batch = getattr(cfg, name).batch_size
         if cfg.run.stage == name and batch % cfg.learner.world_size:
@@ -280,6 +290,11 @@ def check_config(cfg: FlywheelConfig) -> None:
         raise ConfigError(
             f"run.resume: a run continues in its own directory, so run.output_dir must be the same; got "
             f"run.resume={cfg.run.resume!r} and run.output_dir={cfg.run.output_dir!r} (pass --output-dir {cfg.run.resume})"
+        )
+    if cfg.run.device == "cpu" and cfg.rollout.block_size is not None and cfg.rollout.block_size % 32:
+        raise ConfigError(
+            f"rollout.block_size: vLLM's CPU attention needs a multiple of 32, got {cfg.rollout.block_size}; "
+            "use 32 (or null, which picks it)"
         )
     if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
         raise ConfigError("sync.backend: nccl needs run.device=cuda; use gloo or auto on cpu")
@@ -304,6 +319,8 @@ def advisories(cfg: FlywheelConfig) -> list[str]:
             "learner.kl_estimator=k3 with kl_mode=loss: its gradient on the policy's samples is that of "
             "KL(reference || policy), not KL(policy || reference); k2's is the latter"
         )
+    if cfg.learner.critic_trunk == "shared" and cfg.learner.advantage not in NEEDS_CRITIC:
+        notes.append(f"learner.critic_trunk=shared is ignored: learner.advantage={cfg.learner.advantage} builds no critic")
     if cfg.rollout.max_staleness:
         threads = (cfg.rollout.num_actors * (cfg.rollout.num_threads or max(1, int(cfg.rollout.num_cpus_per_actor)))
                    + cfg.learner.world_size * (cfg.learner.num_threads or max(1, int(cfg.learner.num_cpus_per_rank))))

@@ -20,7 +20,12 @@ class LearnerConfig:
     num_threads: int | None = setting(None, "torch threads per learner rank; null follows num_cpus_per_rank", min=1)
     zero_stage: int = setting(2, "DeepSpeed ZeRO stage", min=0, max=3)
     lr: float = setting(1e-4, "policy learning rate (AdamW)", gt=0)
-    critic_lr: float = setting(2e-4, "critic learning rate (AdamW)", gt=0)
+    critic_lr: float = setting(2e-4, "critic learning rate (AdamW); with critic_trunk=shared, the value head's", gt=0)
+    critic_trunk: Literal["separate", "shared"] = setting(
+        "separate", "the critic's transformer trunk (gae only): separate is a second trunk initialised from the "
+        "policy, with its own optimiser; shared puts the value head on the policy's own trunk, trained by one "
+        "loss (policy + value_coef x value), so no second trunk, its gradients or AdamW states are held; "
+        "scale the value loss down there (value_coef about 0.1, as TRL's value-head PPO did)")
     weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
     ppo_epochs: int = setting(2, "passes over each step's experience", min=1)
     minibatch_size: int = setting(32, "sequences per optimiser step (across all ranks)", min=1)

@@ -153,10 +153,12 @@ class LRSchedule:
 
 
 def make_engine(model: torch.nn.Module, setup: LearnerSetup, lr: float, weight_decay: float, micro_batch: int,
-                max_grad_norm: float, schedule: LRSchedule | None = None):
+                max_grad_norm: float, schedule: LRSchedule | None = None,
+                lr_by_prefix: dict[str, float] | None = None):
     """A DeepSpeed engine around `model` (fp32 master weights; bf16 compute when the run's dtype is bf16).
 
-    With a `schedule`, every `engine.step()` also moves the learning rate along it."""
+    With a `schedule`, every `engine.step()` also moves the learning rate along it.
+    `lr_by_prefix`: parameters whose names start with a key train at its rate instead of `lr`."""
     import deepspeed
 
     config = {
@@ -170,7 +172,12 @@ def make_engine(model: torch.nn.Module, setup: LearnerSetup, lr: float, weight_d
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        rate = next((r for p, r in (lr_by_prefix or {}).items() if name.startswith(p)), lr)
+        groups.setdefault(rate, []).append(param)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": r} for r, ps in groups.items()], lr=lr,
+                                  weight_decay=weight_decay)
     scheduler = None
     if schedule is not None and (schedule.kind != "constant" or schedule.warmup_steps):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
@@ -265,8 +272,9 @@ def pad_token_id(path: str) -> int:
     return int(eos[0] if isinstance(eos, list) else eos or 0)
 
 
-def full_parameters(module: torch.nn.Module, dtype: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor in `dtype`) for every parameter of a DeepSpeed engine's module; all ranks must iterate.
+def full_parameters(module: torch.nn.Module, dtype: str, skip=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor in `dtype`) for every parameter of a DeepSpeed engine's module, but those
+    whose name `skip(name)` is true; all ranks must iterate.
 
     Tensors stay on the module's device (a GPU run sends GPU to GPU). Under
     ZeRO-3 each parameter is gathered for the duration of one item, so it is
@@ -276,6 +284,8 @@ def full_parameters(module: torch.nn.Module, dtype: str) -> Iterator[tuple[str, 
 
     torch_dtype = DTYPES[dtype]
     for name, param in module.named_parameters():
+        if skip is not None and skip(name):
+            continue
         if hasattr(param, "ds_id"):
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 yield name, param.data.detach().to(dtype=torch_dtype, copy=True)
@@ -283,9 +293,11 @@ def full_parameters(module: torch.nn.Module, dtype: str) -> Iterator[tuple[str, 
             yield name, param.data.detach().to(dtype=torch_dtype)
 
 
-def save_hf(module: torch.nn.Module, rank: int, dtype: str, tokenizer_path: str, out_dir: str) -> str | None:
-    """Write the module in Hugging Face format with its tokenizer (rank 0 writes; all ranks gather)."""
-    state = {name: tensor.cpu() for name, tensor in full_parameters(module, dtype)}
+def save_hf(module: torch.nn.Module, rank: int, dtype: str, tokenizer_path: str, out_dir: str,
+            skip=None) -> str | None:
+    """Write the module in Hugging Face format with its tokenizer (rank 0 writes; all ranks gather),
+    without the parameters `skip(name)` names."""
+    state = {name: tensor.cpu() for name, tensor in full_parameters(module, dtype, skip)}
     if rank != 0:
         return None
     from transformers import AutoTokenizer

@@ -119,6 +119,27 @@ def policy_forward(
         position_ids=position_ids(tokens.attention_mask),
         use_cache=False,
     ).logits
+    return completion_logprobs(logits, tokens, sampling, with_entropy)
+
+
+def policy_value_forward(
+    model: torch.nn.Module,
+    tokens: TokenBatch,
+    sampling: SamplingSettings | None = None,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """`policy_forward` of a policy carrying its own value head (`learner.models.add_value_head`),
+    plus the values (B, T) of the states before each completion token, from the same pass."""
+    logprobs, entropy = policy_forward(model, tokens, sampling, with_entropy)
+    values = getattr(model, "module", model).last_values  # a DeepSpeed engine wraps the model
+    return logprobs, entropy, torch.gather(values, 1, tokens.gather_index).float()
+
+
+def completion_logprobs(
+    logits: Tensor, tokens: TokenBatch, sampling: SamplingSettings | None, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Logprobs (B, T) of the completion tokens from full-sequence logits (B, L, V), and optionally
+    entropy (B, T); see `policy_forward`."""
     index = tokens.gather_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     picked = torch.gather(logits, 1, index)  # (B, T, V): logits predicting each completion token
     if sampling is not None:

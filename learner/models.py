@@ -1,5 +1,6 @@
-"""The learner's models: loading a causal LM policy / reference, and the critic
-(the policy's transformer trunk with a scalar value head).
+"""The learner's models: loading a causal LM policy / reference, and the critic:
+a copy of the policy's transformer trunk with a scalar value head (`Critic`), or
+a value head on the policy's own trunk (`add_value_head`).
 
 transformers is imported inside the functions so that importing this module
 stays cheap.
@@ -52,3 +53,37 @@ class Critic(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, L, H)
         return self.value_head(hidden).squeeze(-1)  # (B, L)
+
+
+# The attribute (and parameter-name prefix) of a value head carried by the policy itself.
+VALUE_HEAD = "value_head"
+
+
+def is_value_head(name: str) -> bool:
+    """Whether a parameter name of the policy belongs to its own value head (not a Hugging Face weight)."""
+    return name.startswith(VALUE_HEAD + ".")
+
+
+def add_value_head(model: nn.Module) -> nn.Module:
+    """The critic on the policy's own trunk (learner.critic_trunk=shared): a zero-initialised linear
+    head to one scalar, `model.value_head`, applied to the trunk's last hidden state.
+
+    A forward hook on the trunk (`model.base_model`) applies it during every forward of the
+    model and leaves the values (B, L) in `model.last_values`; the logits come out as usual.
+    The head is thus called inside the model's own forward, where DeepSpeed's ZeRO-3 hooks
+    gather its weights in the same order at every pass. Its parameters are named `value_head.*`
+    (`is_value_head`), which the weight sync and Hugging Face export leave out.
+    """
+    hidden = model.config.hidden_size
+    dtype = next(model.parameters()).dtype
+    head = nn.Linear(hidden, 1, dtype=dtype)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    setattr(model, VALUE_HEAD, head)
+    model.last_values = None
+
+    def record_values(_trunk, _inputs, output) -> None:
+        model.last_values = head(output.last_hidden_state).squeeze(-1)
+
+    model.base_model.register_forward_hook(record_values)
+    return model

@@ -36,11 +36,13 @@ from learner.engine import (
     restore_rng_states, rng_states, save_engine, save_hf,
 )
 from learner.kl_control import KLController
-from learner.experience import Experience, TokenBatch, critic_forward, pad_batch, policy_forward, tokens_from_scored
+from learner.experience import (
+    Experience, TokenBatch, critic_forward, pad_batch, policy_forward, policy_value_forward, tokens_from_scored,
+)
 from learner.losses import (
     behavior_weights, kl_penalty, masked_mean, masked_sum, masked_whiten, policy_loss_clipped, value_loss_clipped,
 )
-from learner.models import Critic, load_causal_lm
+from learner.models import VALUE_HEAD, Critic, add_value_head, is_value_head, load_causal_lm
 
 log = logging.getLogger("flywheel.learner")
 
@@ -52,6 +54,13 @@ class LearnerWorker:
                 "learner.kl_estimator=k1 with learner.kl_mode=loss has zero expected gradient on the "
                 "policy's own samples, so the KL term would do nothing; use k2 (its gradient is the KL's)"
             )
+        # With a critic on the policy's own trunk, one loss trains both (see _train_minibatch).
+        self.shared_critic = ppo.advantage in NEEDS_CRITIC and ppo.critic_trunk == "shared"
+        if self.shared_critic and ppo.critic_warmup_steps:
+            raise ValueError(
+                "learner.critic_warmup_steps must be 0 with learner.critic_trunk=shared: the value loss "
+                "trains the policy's own trunk, so warm-up steps would change the policy"
+            )
         self.setup = setup
         self.ppo = ppo
         self.rank = setup.rank
@@ -61,10 +70,12 @@ class LearnerWorker:
 
         mb_per_rank = ppo.minibatch_size // setup.world_size
         policy = load_causal_lm(setup.model_path, "float32")
-        self.policy = self._engine(policy, ppo.lr, mb_per_rank)
-        # Critic-free estimators (GRPO, RLOO, REINFORCE++) need no second trunk at all.
+        if self.shared_critic:
+            add_value_head(policy)
+        self.policy = self._engine(policy, ppo.lr, mb_per_rank, {VALUE_HEAD + ".": ppo.critic_lr})
+        # Critic-free estimators (GRPO, RLOO, REINFORCE++) and a shared trunk need no second trunk at all.
         self.critic = (self._engine(Critic(setup.model_path, "float32"), ppo.critic_lr, mb_per_rank)
-                       if ppo.advantage in NEEDS_CRITIC else None)
+                       if ppo.advantage in NEEDS_CRITIC and not self.shared_critic else None)
         self.kl = KLController(coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
         self.ref = make_frozen(load_causal_lm(self.reference_model(), setup.dtype), setup, self.device, mb_per_rank)
         self._experience: Experience | None = None
@@ -74,8 +85,9 @@ class LearnerWorker:
 
     # ---------------------------------------------------------------- set-up
 
-    def _engine(self, model: torch.nn.Module, lr: float, micro_batch: int):
-        return make_engine(model, self.setup, lr, self.ppo.weight_decay, micro_batch, self.ppo.max_grad_norm)
+    def _engine(self, model: torch.nn.Module, lr: float, micro_batch: int, lr_by_prefix: dict | None = None):
+        return make_engine(model, self.setup, lr, self.ppo.weight_decay, micro_batch, self.ppo.max_grad_norm,
+                           lr_by_prefix=lr_by_prefix)
 
     # ---------------------------------------------------------------- experience
 
@@ -113,9 +125,14 @@ class LearnerWorker:
         sampling = self.setup.sampling
         old, ref, values = [], [], []
         for chunk in self._chunks(mine):
-            old.append(policy_forward(self.policy, chunk, sampling)[0])
+            if self.shared_critic:
+                logprobs, _, chunk_values = policy_value_forward(self.policy, chunk, sampling)
+            else:
+                logprobs, _ = policy_forward(self.policy, chunk, sampling)
+                chunk_values = critic_forward(self.critic, chunk) if self.critic else torch.zeros_like(logprobs)
+            old.append(logprobs)
             ref.append(policy_forward(self.ref, chunk, sampling)[0])
-            values.append(critic_forward(self.critic, chunk) if self.critic else torch.zeros_like(old[-1]))
+            values.append(chunk_values)
         old_logprobs = all_gather_rows(torch.cat(old), self.device)
         ref_logprobs = all_gather_rows(torch.cat(ref), self.device)
         values = all_gather_rows(torch.cat(values), self.device)
@@ -212,11 +229,19 @@ class LearnerWorker:
         return TrainStats(**stats, train_s=time.perf_counter() - t0)
 
     def _train_minibatch(self, mb: Experience, train_policy: bool, scale: float) -> dict[str, float]:
-        """One optimiser step of policy and critic; stats are this rank's scaled shares."""
+        """One optimiser step of policy and critic; stats are this rank's scaled shares.
+
+        With a shared trunk the value loss (times value_coef) joins the policy loss: one backward
+        through the trunk, one step, one gradient clip over both."""
         mask = mb.tokens.mask
-        out = dict(policy_loss=0.0, clipfrac=0.0, approx_kl=0.0, entropy=0.0, kl_loss=0.0, grad_norm=0.0)
+        out = dict(policy_loss=0.0, clipfrac=0.0, approx_kl=0.0, entropy=0.0, kl_loss=0.0, grad_norm=0.0,
+                   value_loss=0.0, value_clipfrac=0.0)
         if train_policy:
-            logprobs, entropy = policy_forward(self.policy, mb.tokens, self.setup.sampling, with_entropy=True)
+            if self.shared_critic:
+                logprobs, entropy, values = policy_value_forward(self.policy, mb.tokens, self.setup.sampling,
+                                                                 with_entropy=True)
+            else:
+                logprobs, entropy = policy_forward(self.policy, mb.tokens, self.setup.sampling, with_entropy=True)
             pl = policy_loss_clipped(logprobs, mb.old_logprobs, mb.advantages, mask, self.ppo.clip_eps,
                                      weights=mb.weights if self._stale else None)
             loss = pl.loss
@@ -224,6 +249,10 @@ class LearnerWorker:
             if self.ppo.kl_mode == "loss":
                 kl_loss = self.kl.coef * masked_mean(kl_penalty(logprobs, mb.ref_logprobs, self.ppo.kl_estimator), mask)
                 loss = loss + kl_loss
+            if self.shared_critic:
+                vl = value_loss_clipped(values, mb.values, mb.returns, mask, self.ppo.value_clip_eps)
+                loss = loss + self.ppo.value_coef * vl.loss
+                out.update(value_loss=scale * vl.loss.item(), value_clipfrac=scale * vl.clipfrac.item())
             self.policy.backward(scale * loss)
             self.policy.step()
             out.update(
@@ -231,7 +260,6 @@ class LearnerWorker:
                 approx_kl=scale * pl.approx_kl.item(), entropy=scale * masked_mean(entropy, mask).item(),
                 kl_loss=scale * kl_loss.item(), grad_norm=float(self.policy.get_global_grad_norm() or 0.0),
             )
-        out.update(value_loss=0.0, value_clipfrac=0.0)
         if self.critic is not None:
             values = critic_forward(self.critic, mb.tokens)
             vl = value_loss_clipped(values, mb.values, mb.returns, mask, self.ppo.value_clip_eps)
@@ -244,11 +272,13 @@ class LearnerWorker:
 
     def _full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor in the run's dtype) for every policy parameter; all ranks must iterate."""
-        return full_parameters(self.policy.module, self.setup.dtype)
+        return full_parameters(self.policy.module, self.setup.dtype, skip=is_value_head)
 
     def weight_specs(self) -> list[WeightSpec]:
         specs = []
         for name, param in self.policy.module.named_parameters():
+            if is_value_head(name):  # a shared trunk's value head is the learner's alone
+                continue
             shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
             specs.append(WeightSpec(name=name, dtype=self.setup.dtype, shape=shape))
         return specs
@@ -309,7 +339,8 @@ class LearnerWorker:
         seeds the minibatch permutations), the KL controller and the RNG states. Returns what was
         written, for the manifest. The reference model is frozen: its path is its whole state.
         """
-        holds = {"policy/": "DeepSpeed engine of the policy: weights and AdamW states, one file per ZeRO partition"}
+        holds = {"policy/": "DeepSpeed engine of the policy: weights and AdamW states, one file per ZeRO partition"
+                            + (" (with the critic's value head on its trunk)" if self.shared_critic else "")}
         save_engine(self.policy, os.path.join(folder, "policy"))
         if self.critic is not None:
             save_engine(self.critic, os.path.join(folder, "critic"))
@@ -342,7 +373,8 @@ class LearnerWorker:
 
     def save_hf(self, out_dir: str) -> str | None:
         """Write the policy in Hugging Face format (rank 0 writes; all ranks gather)."""
-        return save_hf(self.policy.module, self.rank, self.setup.dtype, self.setup.model_path, out_dir)
+        return save_hf(self.policy.module, self.rank, self.setup.dtype, self.setup.model_path, out_dir,
+                       skip=is_value_head)
 
     def shutdown(self, destroy_process_group: bool = True) -> list[str]:
         """Leave the groups and remove this rank's shared memory; returns the files removed."""

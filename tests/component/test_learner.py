@@ -68,17 +68,20 @@ def test_logprobs_match_transformers(policy_path):
         _teardown(worker)
 
 
-@pytest.mark.parametrize("zero_stage, kl_mode, advantage", [
-    (2, "reward", "gae"), (3, "reward", "gae"), (2, "loss", "gae"),
-    (2, "reward", "grpo"), (2, "reward", "rloo"), (3, "reward", "reinforce_pp"), (2, "loss", "reinforce_pp_baseline"),
+@pytest.mark.parametrize("zero_stage, kl_mode, advantage, critic_trunk", [
+    (2, "reward", "gae", "separate"), (3, "reward", "gae", "separate"), (2, "loss", "gae", "separate"),
+    (3, "reward", "gae", "shared"),
+    (2, "reward", "grpo", "separate"), (2, "reward", "rloo", "separate"), (3, "reward", "reinforce_pp", "separate"),
+    (2, "loss", "reinforce_pp_baseline", "separate"),
 ])
-def test_ppo_update_raises_rewarded_token_probability(policy_path, zero_stage, kl_mode, advantage):
+def test_ppo_update_raises_rewarded_token_probability(policy_path, zero_stage, kl_mode, advantage, critic_trunk):
     rewarded = 77
     estimator = "k2" if kl_mode == "loss" else "k1"
     # Groups of 4 samples per prompt: half of each group carries the rewarded token (see _scored).
     worker = _worker(policy_path, zero_stage=zero_stage, lr=3e-3, ppo_epochs=4, kl_coef=0.01, kl_mode=kl_mode,
-                     kl_estimator=estimator, advantage=advantage, group_size=4)
-    assert (worker.critic is None) == (advantage != "gae")  # critic-free estimators build no critic
+                     kl_estimator=estimator, advantage=advantage, group_size=4, critic_trunk=critic_trunk)
+    # Critic-free estimators build no critic; a shared trunk carries its value head on the policy.
+    assert (worker.critic is None) == (advantage != "gae" or critic_trunk == "shared")
     try:
         prompt = _scored(policy_path, rewarded).rollout.prompt_ids[0].tolist()
         before = worker.sequence_logprobs(prompt, [rewarded])[0]
@@ -103,8 +106,6 @@ def test_ppo_update_raises_rewarded_token_probability(policy_path, zero_stage, k
 
 
 def test_saved_checkpoint_reloads_with_same_logprobs(policy_path, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     worker = _worker(policy_path, zero_stage=3, lr=1e-3)
     try:
         worker.make_experience(_scored(policy_path, 77))
@@ -114,10 +115,53 @@ def test_saved_checkpoint_reloads_with_same_logprobs(policy_path, tmp_path):
         worker.save_hf(str(tmp_path / "ckpt"))
     finally:
         _teardown(worker)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    _assert_export_logprobs(tmp_path / "ckpt", prompt, completion, want)
+
+
+def _assert_export_logprobs(folder, prompt: list[int], completion: list[int], want: np.ndarray) -> None:
+    """The Hugging Face export in `folder` gives `want` as the logprobs of `completion` after `prompt`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     logits = model(torch.tensor([prompt + completion])).logits[0]
-    got = torch.log_softmax(logits, -1)[torch.arange(2, 4), torch.tensor(completion)].detach().numpy()
+    at = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(completion))
+    got = torch.log_softmax(logits, -1)[at, torch.tensor(completion)].detach().numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_shared_trunk_critic_learns_values_and_stays_out_of_the_policy_weights(policy_path, tmp_path):
+    """learner.critic_trunk=shared: no second trunk; the value head on the policy's trunk starts at
+    zero, learns from the value loss, is checkpointed with the policy's engine, and is left out of
+    what a sync sends and of the Hugging Face export."""
+    worker = _worker(policy_path, zero_stage=2, lr=1e-4, critic_lr=1e-3, critic_trunk="shared")
+    try:
+        assert worker.critic is None
+        head = [n for n, _ in worker.policy.module.named_parameters() if n.startswith("value_head.")]
+        assert head == ["value_head.weight", "value_head.bias"]
+        first = worker.make_experience(_scored(policy_path, 77))
+        assert first.value_mean == 0.0  # a zero head
+        stats = worker.train()
+        assert stats.value_loss > 0
+        second = worker.make_experience(_scored(policy_path, 77, seed=1, version=1))
+        assert second.value_mean != 0.0 and abs(second.value_mean - second.return_mean) < abs(second.return_mean)
+        worker.train()
+
+        specs = {s.name for s in worker.weight_specs()}
+        assert specs == set(dict(worker._full_parameters())) and not any(n.startswith("value_head.") for n in specs)
+        prompt, completion = [1, 40, 41], [77, 78]
+        want = worker.sequence_logprobs(prompt, completion)
+        worker.save_hf(str(tmp_path / "hf"))
+        worker.save_checkpoint(str(tmp_path / "ckpt"))
+        values = worker.policy.module.value_head.weight.detach().clone()
+    finally:
+        _teardown(worker)
+    _assert_export_logprobs(tmp_path / "hf", prompt, completion, want)
+    restored = _worker(policy_path, zero_stage=2, lr=1e-4, critic_lr=1e-3, critic_trunk="shared")
+    try:
+        assert restored.load_checkpoint(str(tmp_path / "ckpt")) == 2
+        torch.testing.assert_close(restored.policy.module.value_head.weight.detach(), values, rtol=0, atol=0)
+    finally:
+        _teardown(restored)
 
 
 def test_samples_of_older_weights_are_weighted_towards_the_learners(policy_path):

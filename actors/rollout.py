@@ -36,9 +36,11 @@ FINISH_REASONS = ("stop", "length")
 
 # KV-cache block on CPU.  vLLM's CPU attention reads every block of a sequence whole; in its
 # default 128-token blocks a sequence of ~70 tokens is half padding.  On the ~80M embedded
-# model (256 sequences, 64 new tokens, bf16, 2 cores) 32-token blocks cut decode attention
-# from ~13% of a step and raised throughput by about 5% (benchmarks/rollout.py, block_size
-# rows).  vLLM's CPU kernels need a multiple of 32.
+# model (256 sequences, 64 new tokens, bf16, 2 cores) 32-token blocks cut the attention
+# kernel's time by about a quarter under torch's profiler, a few percent of a decode step;
+# end to end that is within the +-5% by which two starts of one engine differ
+# (benchmarks/rollout.py, `block_size_speedup_over_128`).  vLLM's CPU kernels need a
+# multiple of 32.
 CPU_BLOCK_SIZE = 32
 
 # Test hook (tests/e2e/test_failures.py): a file at this path holding "RANK VERSION" makes that

@@ -15,7 +15,7 @@ on a cluster:
   reference forward), so generation is a small part of a step at 16 prompts x 4 samples x 64
   tokens (the GRPO run below shows it). Long completions of a few sequences decode at the rate
   memory streams the weights instead, as decoding does on GPUs, which is what makes generation
-  dominate in the field's reports: the default is 1 prompt x 1 sample x 256 tokens;
+  dominate in the field's reports: the default is 1 prompt x 1 sample x 384 tokens;
 - a GRPO run (16 prompts x 4 samples x 64 tokens, whatever the workload above) for its seconds
   per step;
 - with `--gold-seeds`, full-length runs of the default tiny PPO workload, synchronous and
@@ -121,7 +121,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the means")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per step")
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--tokens", type=int, default=256,
+    parser.add_argument("--tokens", type=int, default=384,
                         help="new tokens per sample (with few sequences, generation's share grows with it)")
     parser.add_argument("--gold-seeds", type=int, nargs="*", default=[], help="seeds of the gold-reward comparison")
     parser.add_argument("--gold-steps", type=int, default=25, help="steps of each gold-reward run")

@@ -95,8 +95,8 @@ class RolloutConfig:
     kv_cache_gib: float = setting(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
     block_size: int | None = setting(
         None, "tokens per KV-cache block; null: 32 on cpu (vLLM's CPU attention reads whole blocks, and its "
-        "default of 128 spends that work on padding when sequences are short), vLLM's own default on cuda; "
-        "on cpu a multiple of 32", min=1)
+        "default of 128 spends part of that work on padding when sequences are short), vLLM's own default "
+        "on cuda; on cpu a multiple of 32", min=1)
     gpu_memory_utilization: float = setting(0.4, "fraction of GPU memory per engine on cuda", gt=0, max=1)
     start_timeout_s: float = setting(300.0, "deadline for an actor's vLLM engine to start", gt=0)
     max_restarts: int = setting(

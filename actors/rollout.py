@@ -124,7 +124,7 @@ class RolloutWorker:
 
         `block_size`: tokens per KV-cache block.  None: CPU_BLOCK_SIZE on CPU,
         vLLM's default on GPU.  vLLM's CPU attention reads each sequence's
-        blocks whole, and its CPU default of 128 tokens is mostly padding for
+        blocks whole, and its CPU default of 128 tokens is partly padding for
         RL's short sequences (see CPU_BLOCK_SIZE).
 
         `prepack_cpu_weights` False (benchmarks only): vLLM's CPU backend then

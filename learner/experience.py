@@ -119,7 +119,14 @@ def policy_forward(
         position_ids=position_ids(tokens.attention_mask),
         use_cache=False,
     ).logits
-    return completion_logprobs(logits, tokens, sampling, with_entropy)
+    index = tokens.gather_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    picked = torch.gather(logits, 1, index)  # (B, T, V): logits predicting each completion token
+    if sampling is not None:
+        picked = sampling_logits(picked, sampling.temperature, sampling.top_k, sampling.top_p,
+                                 keep=tokens.completion_ids)
+    logprobs = logprobs_from_logits(picked, tokens.completion_ids)
+    entropy = entropy_from_logits(picked.float()) if with_entropy else None
+    return logprobs, entropy
 
 
 def policy_value_forward(
@@ -133,21 +140,6 @@ def policy_value_forward(
     logprobs, entropy = policy_forward(model, tokens, sampling, with_entropy)
     values = getattr(model, "module", model).last_values  # a DeepSpeed engine wraps the model
     return logprobs, entropy, torch.gather(values, 1, tokens.gather_index).float()
-
-
-def completion_logprobs(
-    logits: Tensor, tokens: TokenBatch, sampling: SamplingSettings | None, with_entropy: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Logprobs (B, T) of the completion tokens from full-sequence logits (B, L, V), and optionally
-    entropy (B, T); see `policy_forward`."""
-    index = tokens.gather_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    picked = torch.gather(logits, 1, index)  # (B, T, V): logits predicting each completion token
-    if sampling is not None:
-        picked = sampling_logits(picked, sampling.temperature, sampling.top_k, sampling.top_p,
-                                 keep=tokens.completion_ids)
-    logprobs = logprobs_from_logits(picked, tokens.completion_ids)
-    entropy = entropy_from_logits(picked.float()) if with_entropy else None
-    return logprobs, entropy
 
 
 def critic_forward(critic: torch.nn.Module, tokens: TokenBatch) -> Tensor:

@@ -72,7 +72,8 @@ class LearnerWorker:
         policy = load_causal_lm(setup.model_path, "float32")
         if self.shared_critic:
             add_value_head(policy)
-        self.policy = self._engine(policy, ppo.lr, mb_per_rank, {VALUE_HEAD + ".": ppo.critic_lr})
+        self.policy = self._engine(policy, ppo.lr, mb_per_rank,
+                                   {VALUE_HEAD + ".": ppo.critic_lr} if self.shared_critic else None)
         # Critic-free estimators (GRPO, RLOO, REINFORCE++) and a shared trunk need no second trunk at all.
         self.critic = (self._engine(Critic(setup.model_path, "float32"), ppo.critic_lr, mb_per_rank)
                        if ppo.advantage in NEEDS_CRITIC and not self.shared_critic else None)
@@ -88,6 +89,18 @@ class LearnerWorker:
     def _engine(self, model: torch.nn.Module, lr: float, micro_batch: int, lr_by_prefix: dict | None = None):
         return make_engine(model, self.setup, lr, self.ppo.weight_decay, micro_batch, self.ppo.max_grad_norm,
                            lr_by_prefix=lr_by_prefix)
+
+    def _policy_pass(self, tokens: TokenBatch, with_entropy: bool = False):
+        """Logprobs, entropy (or None) and, with a shared trunk, values (else None) of one policy forward."""
+        if self.shared_critic:
+            return policy_value_forward(self.policy, tokens, self.setup.sampling, with_entropy)
+        return (*policy_forward(self.policy, tokens, self.setup.sampling, with_entropy), None)
+
+    def _value_loss(self, values: torch.Tensor, mb: Experience, scale: float, out: dict[str, float]) -> torch.Tensor:
+        """value_coef x the clipped value loss of a minibatch; its stats go into `out` as scaled shares."""
+        vl = value_loss_clipped(values, mb.values, mb.returns, mb.tokens.mask, self.ppo.value_clip_eps)
+        out.update(value_loss=scale * vl.loss.item(), value_clipfrac=scale * vl.clipfrac.item())
+        return self.ppo.value_coef * vl.loss
 
     # ---------------------------------------------------------------- experience
 
@@ -125,10 +138,8 @@ class LearnerWorker:
         sampling = self.setup.sampling
         old, ref, values = [], [], []
         for chunk in self._chunks(mine):
-            if self.shared_critic:
-                logprobs, _, chunk_values = policy_value_forward(self.policy, chunk, sampling)
-            else:
-                logprobs, _ = policy_forward(self.policy, chunk, sampling)
+            logprobs, _, chunk_values = self._policy_pass(chunk)
+            if chunk_values is None:
                 chunk_values = critic_forward(self.critic, chunk) if self.critic else torch.zeros_like(logprobs)
             old.append(logprobs)
             ref.append(policy_forward(self.ref, chunk, sampling)[0])
@@ -237,11 +248,7 @@ class LearnerWorker:
         out = dict(policy_loss=0.0, clipfrac=0.0, approx_kl=0.0, entropy=0.0, kl_loss=0.0, grad_norm=0.0,
                    value_loss=0.0, value_clipfrac=0.0)
         if train_policy:
-            if self.shared_critic:
-                logprobs, entropy, values = policy_value_forward(self.policy, mb.tokens, self.setup.sampling,
-                                                                 with_entropy=True)
-            else:
-                logprobs, entropy = policy_forward(self.policy, mb.tokens, self.setup.sampling, with_entropy=True)
+            logprobs, entropy, values = self._policy_pass(mb.tokens, with_entropy=True)
             pl = policy_loss_clipped(logprobs, mb.old_logprobs, mb.advantages, mask, self.ppo.clip_eps,
                                      weights=mb.weights if self._stale else None)
             loss = pl.loss
@@ -249,10 +256,8 @@ class LearnerWorker:
             if self.ppo.kl_mode == "loss":
                 kl_loss = self.kl.coef * masked_mean(kl_penalty(logprobs, mb.ref_logprobs, self.ppo.kl_estimator), mask)
                 loss = loss + kl_loss
-            if self.shared_critic:
-                vl = value_loss_clipped(values, mb.values, mb.returns, mask, self.ppo.value_clip_eps)
-                loss = loss + self.ppo.value_coef * vl.loss
-                out.update(value_loss=scale * vl.loss.item(), value_clipfrac=scale * vl.clipfrac.item())
+            if values is not None:  # a shared trunk: the value loss joins the policy's
+                loss = loss + self._value_loss(values, mb, scale, out)
             self.policy.backward(scale * loss)
             self.policy.step()
             out.update(
@@ -261,11 +266,8 @@ class LearnerWorker:
                 kl_loss=scale * kl_loss.item(), grad_norm=float(self.policy.get_global_grad_norm() or 0.0),
             )
         if self.critic is not None:
-            values = critic_forward(self.critic, mb.tokens)
-            vl = value_loss_clipped(values, mb.values, mb.returns, mask, self.ppo.value_clip_eps)
-            self.critic.backward(scale * self.ppo.value_coef * vl.loss)
+            self.critic.backward(scale * self._value_loss(critic_forward(self.critic, mb.tokens), mb, scale, out))
             self.critic.step()
-            out.update(value_loss=scale * vl.loss.item(), value_clipfrac=scale * vl.clipfrac.item())
         return out
 
     # ---------------------------------------------------------------- weights out

@@ -10,7 +10,9 @@ from __future__ import annotations
 import glob
 import math
 import os
+import shutil
 import sys
+import sysconfig
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,7 +59,15 @@ def prepare_op_builds(stale_after_s: float = BUILD_LOCK_STALE_S, poll_s: float =
     than `stale_after_s` may belong to a build in progress and is waited for; an older one is
     removed with a warning. One folder per environment also keeps two checkouts from rebuilding
     each other's copy.
+
+    The build runs the first `ninja` on PATH, and the ninja of PyPI (in this environment's
+    scripts folder) and a system one (Debian's 1.11) hash a command differently: each takes the
+    other's build for one made with another command and rebuilds it, some 30 s on 2 cores. A
+    run started with this environment's scripts folder on PATH (`ray job submit` from an
+    activated environment) and one started without it would rebuild the op for each other. So
+    the ninja of this environment, when it has one, comes first.
     """
+    _put_first_on_path(sysconfig.get_path("scripts"), "ninja")
     default = os.path.join(sys.prefix, "torch_extensions")
     if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
         os.environ["TORCH_EXTENSIONS_DIR"] = default
@@ -65,6 +75,13 @@ def prepare_op_builds(stale_after_s: float = BUILD_LOCK_STALE_S, poll_s: float =
     for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
         _wait_or_clear(lock, stale_after_s, poll_s)
     return root
+
+
+def _put_first_on_path(folder: str, program: str) -> None:
+    """Make `folder`'s copy of `program`, if it has one, the one found first on PATH."""
+    found = shutil.which(program)
+    if os.path.isfile(os.path.join(folder, program)) and not (found and os.path.dirname(found) == folder):
+        os.environ["PATH"] = os.pathsep.join([folder, os.environ.get("PATH", "")])
 
 
 def _wait_or_clear(lock: str, stale_after_s: float, poll_s: float) -> None:

@@ -7,6 +7,7 @@ young lock (a build in progress) and removes an old one with a warning.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 
@@ -53,3 +54,23 @@ def test_a_lock_that_outlives_the_limit_is_cleared_within_it(tmp_path, monkeypat
         prepare_op_builds(stale_after_s=0.5, poll_s=0.05)
     assert not lock.exists()
     assert time.monotonic() - started < 5
+
+
+def test_the_build_runs_this_environments_ninja_whatever_path_a_process_was_started_with(tmp_path, monkeypatch):
+    """Two ninja versions hash a build command differently and rebuild each other's op: every
+    process of one environment must find the same ninja first, whatever its PATH."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "ninja").write_text("#!/bin/sh\n")
+    (scripts / "ninja").chmod(0o755)
+    system = tmp_path / "system"
+    system.mkdir()
+    (system / "ninja").write_text("#!/bin/sh\n")
+    (system / "ninja").chmod(0o755)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr("sysconfig.get_path", lambda name: str(scripts))
+    for path in [str(system), os.pathsep.join([str(system), str(scripts)]), str(scripts)]:
+        monkeypatch.setenv("PATH", path)
+        prepare_op_builds()
+        assert shutil.which("ninja") == str(scripts / "ninja"), path
+    assert os.environ["PATH"] == str(scripts)  # not added again when it already comes first

@@ -22,6 +22,9 @@ backend is a field of its init info:
 
 The wire protocol (verdict, [header, bucket]*, DONE/ABORT, ack) is described in
 `learner/weight_sync.py`; the bucket layout in `flywheel/weight_buckets.py`.
+On the learner's machine (gloo) the buckets need not cross the group: the
+learner shares a region of memory once (a MAP header), and a HEADER_SHARED
+bucket is read where it lies in it (`flywheel/shared_region.py`).
 Received tensors go through `model.load_weights` inside vLLM's layerwise reload
 (`initialize_layerwise_reload` / `finalize_layerwise_reload`), which takes
 Hugging Face names, fuses q/k/v and gate/up itself, and re-runs the CPU
@@ -52,7 +55,8 @@ from vllm.distributed.weight_transfer.base import (
 
 from flywheel.collectives import broadcast_from_0, max_all_ranks
 from flywheel.records import WeightSpec, WeightSyncMeta
-from flywheel.weight_buckets import HEADER_ABORT, HEADER_DATA, plan_buckets
+from flywheel.shared_region import SharedRegion
+from flywheel.weight_buckets import HEADER_ABORT, HEADER_DATA, HEADER_MAP, HEADER_SHARED, plan_buckets, region_layout
 
 # Name under which the engine is registered with vLLM's factory; pass it as
 # `weight_transfer_config={"backend": ENGINE_NAME}` when building the LLM.
@@ -118,6 +122,7 @@ class TorchDistWeightTransferEngine(
         # Reuse is safe because loading copies every view into the engine's own
         # parameters before receive_weights returns.  GPU: fresh buffers (memory is dearer).
         self._buffers: list[torch.Tensor] = []
+        self._region: SharedRegion | None = None  # the learner's, once it has shared one
 
     def init_transfer_engine(self, init_info: TorchDistInitInfo) -> None:
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
@@ -226,24 +231,34 @@ class TorchDistWeightTransferEngine(
             if self.buffer_device.type == "cuda":
                 torch.cuda.set_device(self.buffer_device)  # the current device is per thread
             header = torch.empty(2, dtype=torch.int64, device=self.buffer_device)
+            offsets, _ = region_layout(buckets)
             for number, bucket in enumerate(buckets):
                 self._broadcast(header)
                 code, nbytes = (int(v) for v in header.tolist())
+                if code == HEADER_MAP:  # before the first bucket: the learner shares its region
+                    self._map_region(nbytes)
+                    self._broadcast(header)
+                    code, nbytes = (int(v) for v in header.tolist())
                 if code == HEADER_ABORT:
                     arrivals.put(("error", WeightUpdateAborted(
                         f"the learner aborted the weight update at bucket {number}; see its "
                         "error. This actor now holds a partial update: send the weights again"
                     )))
                     return
-                if code != HEADER_DATA or nbytes != bucket.nbytes:
+                shared = code == HEADER_SHARED and self._region is not None
+                if not (code == HEADER_DATA or shared) or nbytes != bucket.nbytes:
                     arrivals.put(("error", RuntimeError(
                         f"weight-sync protocol mismatch at bucket {number}: got header "
-                        f"({code}, {nbytes}), expected ({HEADER_DATA}, {bucket.nbytes}); the "
-                        "learner and the actors run different versions of flywheel/weight_buckets.py"
+                        f"({code}, {nbytes}), expected ({HEADER_DATA} or, with a shared region mapped, "
+                        f"{HEADER_SHARED}; {bucket.nbytes}); the learner and the actors run different "
+                        "versions of flywheel/weight_buckets.py"
                     )))
                     return
-                payload = self._receive_buffer(number, nbytes)
-                self._broadcast(payload)
+                if shared:
+                    payload = self._region.tensor[offsets[number] : offsets[number] + nbytes]
+                else:
+                    payload = self._receive_buffer(number, nbytes)
+                    self._broadcast(payload)
                 arrivals.put(("bucket", (number, payload)))
             self._broadcast(header)
             if int(header[0]) == HEADER_ABORT:
@@ -254,6 +269,27 @@ class TorchDistWeightTransferEngine(
             arrivals.put(("end", None))
         except BaseException as exc:  # a timed-out or broken collective: the loader raises it
             arrivals.put(("error", exc))
+
+    def _map_region(self, nbytes: int) -> None:
+        """Map the region the learner names next; the group learns whether every actor could."""
+        name = torch.empty(2, dtype=torch.int64, device=self.buffer_device)
+        self._broadcast(name)
+        self._drop_region()
+        try:
+            region = SharedRegion.attach(int(name[0]), nbytes)
+        except OSError:  # not the learner's machine: the learner falls back to the broadcast, or stops
+            region = None
+        if self._max_all_ranks(int(region is None)):
+            if region is not None:
+                region.close()
+            return
+        self._region = region
+        self._buffers = []  # the buckets arrive in the region from now on
+
+    def _drop_region(self) -> None:
+        if self._region is not None:
+            self._region.close()
+            self._region = None
 
     def _receive_buffer(self, number: int, nbytes: int) -> torch.Tensor:
         """Bucket `number`'s buffer: kept from the last update on CPU, fresh on GPU."""
@@ -278,6 +314,7 @@ class TorchDistWeightTransferEngine(
             stateless_destroy_torch_distributed_process_group(self.pg)
             self.pg = None
         self._buffers = []
+        self._drop_region()
 
 
 def register_engine() -> None:

@@ -10,7 +10,10 @@ are `sync.bucket_mb` as in a run.  Threads follow the config as Ray would give
 them (`actor_threads`: one per actor and for the learner by default).
 
 `sync_s` is the median wall time of one update (meta handed over, every bucket
-broadcast, loaded into vLLM, acknowledged), after one warm-up update;
+sent, loaded into vLLM, acknowledged), after one warm-up update, over the
+config's `sync.transport` (auto: through shared memory, as the actors run on the
+learner's machine); the same updates over the group's broadcast are the
+baseline (`broadcast`, `shm_speedup_over_broadcast`);
 `memcpy_s` the median time of one `copy_` of the flattened weights (same bytes)
 into a preallocated buffer on the learner's threads; `repack_s` the median time of the CPU
 engine's own prepacking (oneDNN's blocked layout) of every linear weight on an actor's
@@ -99,8 +102,8 @@ def _time_receive_phases(worker) -> None:
     worker._llm.collective_rpc(wrap_load)  # in-process engine: the wrapper lands in this process
 
 
-def sync_into(args, cfg, model_path: str, dtype: str, actors: int) -> dict:
-    """Median seconds of one update into `actors` running actors, and their breakdown."""
+def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: str) -> dict:
+    """Median seconds of one update into `actors` running actors over `transport`, and their breakdown."""
     import torch
 
     from cluster.groups import rollout_worker_kwargs
@@ -118,7 +121,7 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int) -> dict:
              for k in range(actors)]
     for proc in procs:
         proc.start()
-    sender = WeightSender("gloo")
+    sender = WeightSender("gloo", transport)
     try:
         for _, results in links:
             _get(results, "started")
@@ -142,6 +145,7 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int) -> dict:
                 walls.append(time.perf_counter() - t0)
                 sends.append(t_send)
                 phases.append(done)
+        used = sender.transport_in_use
         for commands, _ in links:
             commands.put(("stop", None))
         for proc in procs:
@@ -153,7 +157,8 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int) -> dict:
                 proc.kill()
                 proc.join(timeout=10)
     keys = sorted(phases[0][0])
-    return {"sync_s": statistics.median(walls), "sync_s_all": walls, "sender_s": statistics.median(sends),
+    return {"transport": used, "sync_s": statistics.median(walls), "sync_s_all": walls,
+            "sender_s": statistics.median(sends),
             "actor_phases_s": {k: statistics.median(p[0][k] for p in phases) for k in keys},
             "buckets": len(meta_buckets(meta))}
 
@@ -259,18 +264,23 @@ def main() -> int:
     if repack_s is not None:
         print(f"the engine's own GEMM prepacking of every linear weight: {repack_s:.4f} s "
               f"({repack_s / memcpy_s:.1f}x the copy) on {actor_t} thread(s)")
-    print(f"{'actors':>6} {'params':>12} {'bytes':>12} {'sync_s':>8} {'memcpy_s':>9} {'ratio':>7} {'GB/s':>6}  "
-          "actor phases (s)")
+    print(f"{'actors':>6} {'transport':>9} {'params':>12} {'bytes':>12} {'sync_s':>8} {'memcpy_s':>9} {'ratio':>7} "
+          f"{'GB/s':>6}  actor phases (s)")
+    report["broadcast"] = {}
     for n in (int(a) for a in args.actors.split(",")):
-        r = sync_into(args, cfg, path, dtype.dtype, n)
-        r.update(params=params, bytes=nbytes, memcpy_s=memcpy_s, sync_over_memcpy=r["sync_s"] / memcpy_s,
-                 gb_per_s=nbytes / r["sync_s"] / 1e9,
-                 sync_over_repack=r["sync_s"] / repack_s if repack_s else None)
-        report["actors"][str(n)] = r
-        phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
-        print(f"{n:>6} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
-              f"{r['sync_over_memcpy']:>7.1f} {r['gb_per_s']:>6.2f}  {phases}")
-    report.update({k: report["actors"]["1"][k] for k in ("sync_s", "sync_over_memcpy", "gb_per_s", "sync_over_repack")}
+        for transport, where in ((cfg.sync.transport, report["actors"]), ("broadcast", report["broadcast"])):
+            r = sync_into(args, cfg, path, dtype.dtype, n, transport)
+            r.update(params=params, bytes=nbytes, memcpy_s=memcpy_s, sync_over_memcpy=r["sync_s"] / memcpy_s,
+                     gb_per_s=nbytes / r["sync_s"] / 1e9,
+                     sync_over_repack=r["sync_s"] / repack_s if repack_s else None)
+            where[str(n)] = r
+            phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
+            print(f"{n:>6} {r['transport']:>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
+                  f"{r['sync_over_memcpy']:>7.1f} {r['gb_per_s']:>6.2f}  {phases}")
+        report["actors"][str(n)]["shm_speedup_over_broadcast"] = (report["broadcast"][str(n)]["sync_s"]
+                                                                  / report["actors"][str(n)]["sync_s"])
+    report.update({k: report["actors"]["1"][k] for k in ("transport", "sync_s", "sync_over_memcpy", "gb_per_s",
+                                                         "sync_over_repack", "shm_speedup_over_broadcast")}
                   if "1" in report["actors"] else {})
     report["load_average"] = {"start": load_start, "end": load_average("at the end")}
     write_result(args.json, report)

@@ -125,6 +125,10 @@ class RewardConfig:
 @dataclass
 class SyncConfig:
     backend: Literal["auto", "gloo", "nccl"] = setting("auto", "weight-transfer backend; auto is gloo on cpu, nccl on cuda")
+    transport: Literal["auto", "shm", "broadcast"] = setting(
+        "auto", "how the buckets reach actors on the learner's machine (gloo): shm packs them into shared memory "
+        "every actor maps, so none crosses a socket; broadcast sends them over the group; auto is shm, falling "
+        "back to broadcast when an actor runs on another machine or /dev/shm is too small (nccl: broadcast)")
     bucket_mb: float = setting(64.0, "largest broadcast in MiB (tensors are packed into buckets)", gt=0)
     timeout_s: float = setting(120.0, "deadline for one weight broadcast", gt=0)
     check_tolerance: float | None = setting(
@@ -298,6 +302,8 @@ def check_config(cfg: FlywheelConfig) -> None:
         )
     if cfg.sync_backend == "nccl" and cfg.run.device != "cuda":
         raise ConfigError("sync.backend: nccl needs run.device=cuda; use gloo or auto on cpu")
+    if cfg.sync_backend == "nccl" and cfg.sync.transport == "shm":
+        raise ConfigError("sync.transport: shm carries CPU tensors over gloo; with nccl use auto or broadcast")
 
 
 def advisories(cfg: FlywheelConfig) -> list[str]:

@@ -384,7 +384,8 @@ class WeightSync:
         # Learner rank 0 is the group's rank 0, so the master listens on its node.
         addr, port = self.learner.address_and_free_port()
         backend, timeout = self.cfg.sync_backend, self.cfg.sync.timeout_s
-        refs = [self.learner.ranks[0].init_weight_transfer.remote(addr, port, world, backend, timeout)]
+        refs = [self.learner.ranks[0].init_weight_transfer.remote(addr, port, world, backend, timeout,
+                                                                 self.cfg.sync.transport)]
         refs += [a.init_weight_transfer.remote(addr, port, k + 1, world, backend, timeout)
                  for k, a in enumerate(actors)]
         wait(refs, timeout + 30, f"joining the weight-transfer group ({backend}, {world} processes)")

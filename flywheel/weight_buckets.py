@@ -43,7 +43,9 @@ ITEMSIZE: dict[str, int] = {
 
 # Header codes of the wire protocol (one int64 pair [code, nbytes] before each
 # bucket), shared by learner/weight_sync.py and actors/weight_receiver.py.
-HEADER_DATA = 1
+HEADER_DATA = 1  # the bucket's bytes follow over the group
+HEADER_SHARED = 2  # the bucket's bytes lie in the mapped shared region, at its region offset
+HEADER_MAP = 3  # map the shared region of nbytes named by the int64 pair that follows
 HEADER_DONE = 0
 HEADER_ABORT = -1
 
@@ -105,6 +107,16 @@ def plan_buckets(specs: list[WeightSpec], bucket_bytes: int) -> list[Bucket]:
     if slots:
         buckets.append(Bucket(nbytes=end, slots=tuple(slots)))
     return buckets
+
+
+def region_layout(buckets: list[Bucket]) -> tuple[list[int], int]:
+    """Where each bucket lies in a shared region holding a whole update, and the region's size:
+    the buckets one after another, each at a multiple of ALIGN."""
+    offsets, end = [], 0
+    for bucket in buckets:
+        offsets.append(_align(end))
+        end = offsets[-1] + bucket.nbytes
+    return offsets, end
 
 
 # ------------------------------------------------------------------ verification

@@ -23,10 +23,23 @@ One update, in order (the receiving half is `actors/weight_receiver.py`):
   4. ack: all_reduce(MAX) of one int64 — each actor contributes 1 if loading
      failed, so the learner learns of it.
 Every collective times out after `timeout_s` (set on the group).
+
+Transport (`sync.transport`).  With gloo and every actor on the learner's
+machine, a bucket need not cross a socket: rank 0 packs it into a shared
+region (`flywheel/shared_region.py`) that every actor maps, and step 2's
+header says HEADER_SHARED instead of HEADER_DATA, with no payload broadcast.
+The region holds a whole update (`region_layout`), so no bucket is
+overwritten before the ack.  Rank 0 creates it at the first update: a header
+[MAP, size] and the region's name (an int64 pair) go to every actor, which
+maps it, and all_reduce(MAX) says whether one could not (another machine);
+rank 0 then removes the name.  "auto" falls back to the broadcast for good
+when an actor could not map it or /dev/shm cannot hold it; "shm" raises
+instead; "broadcast" never tries.  NCCL always broadcasts.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import TypeVar
@@ -37,10 +50,22 @@ from torch.distributed.rendezvous import rendezvous
 
 from flywheel.collectives import broadcast_from_0, group_device, max_all_ranks
 from flywheel.records import WeightSpec, WeightSyncMeta
-from flywheel.weight_buckets import HEADER_ABORT, HEADER_DATA, HEADER_DONE, Bucket, plan_buckets
+from flywheel.shared_region import SharedRegion, new_token
+from flywheel.weight_buckets import (
+    HEADER_ABORT,
+    HEADER_DATA,
+    HEADER_DONE,
+    HEADER_MAP,
+    HEADER_SHARED,
+    Bucket,
+    plan_buckets,
+    region_layout,
+)
 
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+TRANSPORTS = ("auto", "shm", "broadcast")
 
 
 def tcp_uri(host: str, port: int) -> str:
@@ -131,13 +156,33 @@ def _expect_exhausted(tensors: Iterator[tuple[str, torch.Tensor]], count: int) -
 class WeightSender:
     """Learner rank 0's end of the weight-transfer group."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, transport: str = "auto"):
+        """`transport`: "auto", "shm" or "broadcast" (see the module's docstring); an
+        attribute a caller may change between updates."""
         self.backend = backend
         self.device = group_device(backend)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"sync.transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if transport == "shm" and backend != "gloo":
+            raise ValueError("sync.transport=shm carries CPU tensors and needs the gloo backend; "
+                             "use sync.transport=auto or broadcast with nccl")
+        self.transport = transport
         self._pg: ProcessGroup | None = None
         # One packing buffer, kept across buckets and updates: a fresh one per bucket
         # spent as long in page faults as in copying (the 77M model, bf16, on CPU).
         self._staging = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self._region: SharedRegion | None = None  # mapped by every actor of the group
+        self._shm_refused = False  # an actor could not map a region, or /dev/shm could not hold one
+
+    @property
+    def transport_in_use(self) -> str:
+        """"shm" while updates go through a shared region every actor has mapped, else "broadcast"."""
+        return "shm" if self._region is not None and self._wants_shm() else "broadcast"
+
+    def _wants_shm(self) -> bool:
+        if self.backend != "gloo":
+            return False
+        return self.transport == "shm" or (self.transport == "auto" and not self._shm_refused)
 
     def init_group(
         self, master_addr: str, master_port: int, world_size: int, timeout_s: float
@@ -192,11 +237,20 @@ class WeightSender:
             )
         tensors = iter(named_tensors)
         header = torch.empty(2, dtype=torch.int64, device=self.device)
-        for bucket in plan_buckets(meta.specs, meta.bucket_bytes):
-            payload = _or_abort(pg, header, tensors, lambda: self._pack(bucket, tensors, meta.specs))
-            header.copy_(torch.tensor([HEADER_DATA, bucket.nbytes]))
+        buckets = plan_buckets(meta.specs, meta.bucket_bytes)
+        offsets, size = region_layout(buckets)
+        region = None
+        if self._wants_shm():
+            region = _or_abort(pg, header, tensors, lambda: self._shared_region(pg, header, size))
+        elif self._region is not None:  # the transport was changed to broadcast
+            self._drop_region()
+        for bucket, offset in zip(buckets, offsets):
+            into = None if region is None else region.tensor[offset : offset + bucket.nbytes]
+            payload = _or_abort(pg, header, tensors, lambda: self._pack(bucket, tensors, meta.specs, into))
+            header.copy_(torch.tensor([HEADER_DATA if region is None else HEADER_SHARED, bucket.nbytes]))
             broadcast_from_0(pg, header, self.device)
-            broadcast_from_0(pg, payload, self.device)
+            if region is None:
+                broadcast_from_0(pg, payload, self.device)
         _or_abort(pg, header, tensors, lambda: _expect_exhausted(tensors, len(meta.specs)))
         header.copy_(torch.tensor([HEADER_DONE, 0]))
         broadcast_from_0(pg, header, self.device)
@@ -211,9 +265,11 @@ class WeightSender:
         bucket: Bucket,
         tensors: Iterator[tuple[str, torch.Tensor]],
         specs: list[WeightSpec],
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pull the bucket's tensors from the stream, check them, and lay them
-        out as one flat uint8 tensor on the group's device."""
+        out as one flat uint8 tensor on the group's device (`into`, the bucket's
+        place in the shared region, when given)."""
         flat_views = []
         for slot in bucket.slots:
             spec = specs[slot.index]
@@ -232,16 +288,58 @@ class WeightSender:
                     "tensors in meta order with the announced dtype and shape"
                 )
             flat_views.append(tensor.detach().reshape(-1).view(torch.uint8))
-        if len(flat_views) == 1:
+        if into is not None:
+            payload = into
+        elif len(flat_views) == 1:
             # Alone in its bucket (offset 0): send the tensor's own bytes, no copy.
             return flat_views[0].to(self.device).contiguous()
-        if self._staging.numel() < bucket.nbytes:
-            self._staging = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
-        # Reused safely: every broadcast of a bucket has completed (waited) before the next is packed.
-        payload = self._staging[: bucket.nbytes]
+        else:
+            if self._staging.numel() < bucket.nbytes:
+                self._staging = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
+            # Reused safely: every broadcast of a bucket has completed (waited) before the next is packed.
+            payload = self._staging[: bucket.nbytes]
         for slot, flat in zip(bucket.slots, flat_views):
             payload[slot.offset : slot.offset + slot.nbytes].copy_(flat)
         return payload
+
+    def _shared_region(self, pg: ProcessGroup, header: torch.Tensor, size: int) -> SharedRegion | None:
+        """The region every actor has mapped, made and shared now if there is none of `size`;
+        None when "auto" has to fall back to the broadcast."""
+        if self._region is not None and self._region.nbytes == size:
+            return self._region
+        self._drop_region()
+        token = new_token()
+        try:
+            region = SharedRegion.create(token, size)
+        except OSError as exc:
+            return self._no_region(f"/dev/shm cannot hold the {size / 2**20:.0f} MiB of an update ({exc})")
+        try:
+            header.copy_(torch.tensor([HEADER_MAP, size]))
+            broadcast_from_0(pg, header, self.device)
+            broadcast_from_0(pg, torch.tensor([token, 0], dtype=torch.int64), self.device)
+            unmapped = max_all_ranks(pg, 0, self.device)
+        finally:
+            region.unlink()  # every actor has mapped it or given up: the name is not needed any more
+        if unmapped:
+            region.close()
+            return self._no_region("a rollout actor could not map the learner's shared memory (it runs on "
+                                   "another machine, or does not share /dev/shm with the learner)")
+        log.info("weight sync: every actor mapped a %.0f MiB shared region; buckets go through it", size / 2**20)
+        self._region = region
+        return region
+
+    def _no_region(self, why: str) -> None:
+        if self.transport == "shm":
+            raise RuntimeError(f"sync.transport=shm: {why}; set sync.transport=auto (falls back to the "
+                               "broadcast) or broadcast")
+        log.warning("weight sync: %s; updates go over the group (broadcast) from now on", why)
+        self._shm_refused = True
+        return None
+
+    def _drop_region(self) -> None:
+        if self._region is not None:
+            self._region.close()
+            self._region = None
 
     def _require_group(self) -> ProcessGroup:
         if self._pg is None:
@@ -253,4 +351,5 @@ class WeightSender:
         if self._pg is not None:
             self._pg.shutdown()
             self._pg = None
+        self._drop_region()
         self._staging = torch.empty(0, dtype=torch.uint8, device=self.device)

@@ -285,13 +285,14 @@ class LearnerWorker:
             specs.append(WeightSpec(name=name, dtype=self.setup.dtype, shape=shape))
         return specs
 
-    def init_weight_transfer(self, master_addr: str, master_port: int, world_size: int, backend: str, timeout_s: float) -> None:
+    def init_weight_transfer(self, master_addr: str, master_port: int, world_size: int, backend: str, timeout_s: float,
+                             transport: str = "auto") -> None:
         """Rank 0 joins the weight-transfer group as its rank 0; other ranks do nothing."""
         if self.rank != 0:
             return
         from learner.weight_sync import WeightSender
 
-        self._sender = WeightSender(backend)
+        self._sender = WeightSender(backend, transport)
         self._sender.init_group(master_addr, master_port, world_size, timeout_s)
 
     def close_weight_transfer(self) -> None:

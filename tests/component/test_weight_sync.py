@@ -67,6 +67,9 @@ def _sender_main(model_path: str, port: int, commands, results) -> None:
             cmd, version, seed, fault = commands.get(timeout=5 * TIMEOUT_S)
             if cmd == "stop":
                 break
+            if cmd == "transport":  # what the next updates ask for ("auto", "shm" or "broadcast")
+                sender.transport = fault
+                continue
             named = list(perturbed_model(model_path, seed).named_parameters())
             shapes = [(n, p.shape, p.dtype) for n, p in named]
             if fault == "unknown_name":
@@ -81,7 +84,7 @@ def _sender_main(model_path: str, port: int, commands, results) -> None:
                 tensors = ((n, p.detach() if i != 5 else p.detach()[:1]) for i, (n, p) in enumerate(named))
             try:
                 sender.send(tensors, meta)
-                results.put(("sent", None))
+                results.put(("sent", sender.transport_in_use))
             except (RuntimeError, ValueError) as exc:
                 results.put(("send_failed", str(exc)))
         sender.close()
@@ -120,7 +123,9 @@ def linked(model_path):
 
 
 def _update(linked, seed: int, fault: str | None = None):
-    """Drive one update as the driver would: meta first, then send || receive."""
+    """Drive one update as the driver would: meta first, then send || receive. Returns (meta, the
+    new version, the transport the sender used) or, if receiving failed, (meta, exception, the
+    sender's answer)."""
     worker, commands, results = linked
     version = worker.policy_version + 1
     commands.put(("send", version, seed, fault))
@@ -129,8 +134,7 @@ def _update(linked, seed: int, fault: str | None = None):
         returned = worker.receive_weights(meta)
     except Exception as exc:
         return meta, exc, results.get(timeout=TIMEOUT_S)
-    _get(results, "sent")
-    return meta, returned, None
+    return meta, returned, _get(results, "sent")
 
 
 # A fixed sequence for scoring, and a prompt longer than one 128-token CPU KV block.
@@ -155,8 +159,9 @@ def test_updates_reach_the_running_engine(linked, model_path):
     np.testing.assert_allclose(before, hf_logprobs(perturbed_model(model_path, 0), PROMPT, COMPLETION), atol=ATOL)
     _greedy(worker, LONG_PROMPT)  # fills the prefix cache with the old weights' KV
 
-    meta, version, _ = _update(linked, seed=1)
+    meta, version, transport = _update(linked, seed=1)
     assert version == 1 == worker.policy_version
+    assert transport == "shm"  # sender and actor share a machine: the buckets go through shared memory
     sizes = [len(b.slots) for b in plan_buckets(meta.specs, meta.bucket_bytes)]
     assert max(sizes) > 1 and 1 in sizes and len(sizes) > 3, sizes
     assert any(b.nbytes > BUCKET_BYTES for b in plan_buckets(meta.specs, meta.bucket_bytes))
@@ -212,6 +217,41 @@ def test_learner_abort_then_resend(linked, model_path):
     )
 
 
+def test_an_actor_that_cannot_map_the_learners_memory_gets_the_weights_over_the_group(linked, model_path,
+                                                                                    monkeypatch):
+    """As an actor on another machine: "auto" falls back to the broadcast and the update lands;
+    "shm" stops the update with a message naming the fix, and the next update mends the engine."""
+    from actors.weight_receiver import WeightUpdateAborted
+    from flywheel.shared_region import SharedRegion
+
+    worker, commands, _ = linked
+
+    def elsewhere(token, nbytes):
+        raise FileNotFoundError("no such region on this machine")
+
+    def lands(seed: int, transport: str) -> int:
+        _, version, used = _update(linked, seed=seed)
+        assert (version, used) == (worker.policy_version, transport)
+        np.testing.assert_allclose(worker.score_sequence_logprobs(PROMPT, COMPLETION),
+                                   hf_logprobs(perturbed_model(model_path, seed), PROMPT, COMPLETION), atol=ATOL)
+        return version
+
+    monkeypatch.setattr(SharedRegion, "attach", elsewhere)
+    commands.put(("transport", 0, 0, "broadcast"))  # the sender drops its region
+    lands(seed=7, transport="broadcast")
+    commands.put(("transport", 0, 0, "auto"))  # and shares a new one, which the actor cannot map
+    version = lands(seed=8, transport="broadcast")
+
+    commands.put(("transport", 0, 0, "shm"))
+    _, exc, answer = _update(linked, seed=9)
+    assert isinstance(exc, WeightUpdateAborted), exc
+    assert answer[0] == "send_failed" and "could not map" in answer[1] and "sync.transport=auto" in answer[1], answer
+    assert worker.policy_version == version
+
+    commands.put(("transport", 0, 0, "auto"))  # it gave up on shared memory for this group
+    lands(seed=9, transport="broadcast")
+
+
 def _actor_main(model_path: str, rank: int, world_size: int, commands, results) -> None:
     """A rollout actor in its own process (as under Ray): joins the group, then serves commands."""
     try:
@@ -242,8 +282,9 @@ def _assert_same_weights(engine: dict[str, np.ndarray], model, actor: int) -> No
 
 
 def test_every_weight_of_every_actor_equals_the_learners(model_path):
-    """Two actors in one group; after each sync every engine weight, read back through the layers'
-    own (prepacked) kernels, equals the sender's in float32, exactly."""
+    """Two actors in one group; after each sync (the first through shared memory, the second over
+    the group) every engine weight, read back through the layers' own (prepacked) kernels, equals
+    the sender's in float32, exactly."""
     from learner.weight_sync import WeightSender
 
     ctx = mp.get_context("spawn")
@@ -268,13 +309,15 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path):
         for k, (_, results) in enumerate(links):
             _assert_same_weights(_get(results, "weights"), base, k)  # the checkpoint, before any sync
 
-        for version, seed in ((1, 5), (2, 6)):
+        for version, seed, transport in ((1, 5, "shm"), (2, 6, "broadcast")):
+            sender.transport = transport
             model = perturbed_model(model_path, seed)
             named = list(model.named_parameters())
             meta = WeightSender.make_meta([(n, p.shape, p.dtype) for n, p in named], version, BUCKET_BYTES)
             for commands, _ in links:
                 commands.put(("receive", meta))
             sender.send(((n, p.detach()) for n, p in named), meta)
+            assert sender.transport_in_use == transport
             for k, (_, results) in enumerate(links):
                 weights = _get(results, "weights")
                 _assert_same_weights(weights, model, k)

@@ -72,6 +72,8 @@ def test_overrides_and_yaml_floats():
     assert cfg.run.steps == 7 and cfg.model.path == "/tmp/m"
     assert cfg.sync_backend == "gloo"
     assert from_dict({}, ["run.device=cuda"]).sync_backend == "nccl"
+    with pytest.raises(ConfigError, match="sync.transport: shm carries CPU tensors over gloo"):
+        from_dict({}, ["run.device=cuda", "sync.transport=shm"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

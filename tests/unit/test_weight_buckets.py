@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flywheel.records import WeightSpec
-from flywheel.weight_buckets import ALIGN, differing_weights, plan_buckets, weight_digest
+from flywheel.shared_region import SharedRegion, new_token, region_path
+from flywheel.weight_buckets import ALIGN, differing_weights, plan_buckets, region_layout, weight_digest
 from learner.weight_sync import WeightSender
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +38,8 @@ def test_plan_packs_in_order_aligns_and_isolates_big_tensors():
         [(3, 0, 4)],
     ]
     assert [b.nbytes for b in buckets] == [56, 100, 4]
+    # In a shared region the buckets follow one another, each aligned: 0..56, 64..164, 176..180.
+    assert region_layout(buckets) == ([0, 64, 176], 180)
 
 
 def test_plan_fills_a_bucket_exactly():
@@ -81,3 +84,28 @@ def test_sender_imports_no_vllm_ray_or_deepspeed():
     code = "import sys, learner.weight_sync; print(sorted({'vllm', 'ray', 'deepspeed'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_shared_region_is_one_memory_for_its_maker_and_a_mapper_and_leaves_no_name_behind():
+    token = new_token()
+    made = SharedRegion.create(token, 4096)
+    try:
+        mapped = SharedRegion.attach(token, 4096)
+        made.tensor[100:104] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+        assert mapped.tensor[100:104].tolist() == [1, 2, 3, 4]
+        with pytest.raises(OSError, match="expected 8192"):
+            SharedRegion.attach(token, 8192)  # a layout of another size: a protocol error, not garbage
+        with pytest.raises(FileExistsError):
+            SharedRegion.create(token, 4096)
+    finally:
+        made.unlink()
+    assert not Path(region_path(token)).exists()
+    assert mapped.tensor[100:104].tolist() == [1, 2, 3, 4]  # the name is gone, the memory stays mapped
+    view = mapped.tensor[:8]
+    mapped.close()  # a view outlives the close: the mapping goes with it
+    made.close()
+    assert view.sum().item() == 0
+    del view
+    assert region_path(token) not in Path("/proc/self/maps").read_text()  # unmapped with the last view
+    with pytest.raises(FileNotFoundError):
+        SharedRegion.attach(new_token(), 4096)  # what an actor on another machine meets

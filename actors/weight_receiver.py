@@ -40,6 +40,7 @@ Imports vllm: only rollout-actor processes import this module.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ from flywheel.collectives import broadcast_from_0, max_all_ranks
 from flywheel.records import WeightSpec, WeightSyncMeta
 from flywheel.shared_region import SharedRegion
 from flywheel.weight_buckets import HEADER_ABORT, HEADER_DATA, HEADER_MAP, HEADER_SHARED, plan_buckets, region_layout
+
+log = logging.getLogger(__name__)
 
 # Name under which the engine is registered with vLLM's factory; pass it as
 # `weight_transfer_config={"backend": ENGINE_NAME}` when building the LLM.
@@ -119,8 +122,9 @@ class TorchDistWeightTransferEngine(
         self.buffer_device = torch.device("cpu")
         # CPU: one receive buffer per bucket, kept across updates (costs the model's
         # bytes once more): fresh 64 MiB buffers spent much of a sync in page faults.
-        # Reuse is safe because loading copies every view into the engine's own
-        # parameters before receive_weights returns.  GPU: fresh buffers (memory is dearer).
+        # Reuse is safe: vLLM may keep views of a bucket until the reload is finalised,
+        # but the next update's buckets arrive only after its verdict, which this actor
+        # joins once its engine has finished the last one.  GPU: fresh buffers (memory is dearer).
         self._buffers: list[torch.Tensor] = []
         self._region: SharedRegion | None = None  # the learner's, once it has shared one
 
@@ -239,13 +243,21 @@ class TorchDistWeightTransferEngine(
                     self._map_region(nbytes)
                     self._broadcast(header)
                     code, nbytes = (int(v) for v in header.tolist())
+                if code == HEADER_DATA and number == 0:
+                    self._drop_region()  # the learner sends over the group now: its region is gone
                 if code == HEADER_ABORT:
                     arrivals.put(("error", WeightUpdateAborted(
                         f"the learner aborted the weight update at bucket {number}; see its "
                         "error. This actor now holds a partial update: send the weights again"
                     )))
                     return
-                shared = code == HEADER_SHARED and self._region is not None
+                if code == HEADER_SHARED and self._region is None:
+                    arrivals.put(("error", RuntimeError(
+                        f"weight-sync protocol mismatch at bucket {number}: the learner sent it through "
+                        "a shared region this actor has not mapped"
+                    )))
+                    return
+                shared = code == HEADER_SHARED
                 if not (code == HEADER_DATA or shared) or nbytes != bucket.nbytes:
                     arrivals.put(("error", RuntimeError(
                         f"weight-sync protocol mismatch at bucket {number}: got header "
@@ -272,12 +284,14 @@ class TorchDistWeightTransferEngine(
 
     def _map_region(self, nbytes: int) -> None:
         """Map the region the learner names next; the group learns whether every actor could."""
-        name = torch.empty(2, dtype=torch.int64, device=self.buffer_device)
-        self._broadcast(name)
+        address = torch.empty(3, dtype=torch.int64, device=self.buffer_device)
+        self._broadcast(address)
         self._drop_region()
         try:
-            region = SharedRegion.attach(int(name[0]), nbytes)
-        except OSError:  # not the learner's machine: the learner falls back to the broadcast, or stops
+            region = SharedRegion.attach(*(int(v) for v in address.tolist()), nbytes)
+        except Exception as exc:  # the learner falls back to the broadcast, or stops the update
+            log.warning("weight sync: cannot map the learner's shared region (%r); the weights come over "
+                        "the group", exc)
             region = None
         if self._max_all_ranks(int(region is None)):
             if region is not None:

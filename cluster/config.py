@@ -128,7 +128,7 @@ class SyncConfig:
     transport: Literal["auto", "shm", "broadcast"] = setting(
         "auto", "how the buckets reach actors on the learner's machine (gloo): shm packs them into shared memory "
         "every actor maps, so none crosses a socket; broadcast sends them over the group; auto is shm, falling "
-        "back to broadcast when an actor runs on another machine or /dev/shm is too small (nccl: broadcast)")
+        "back to broadcast when an actor runs on another machine or the memory cannot be had (nccl: broadcast)")
     bucket_mb: float = setting(64.0, "largest broadcast in MiB (tensors are packed into buckets)", gt=0)
     timeout_s: float = setting(120.0, "deadline for one weight broadcast", gt=0)
     check_tolerance: float | None = setting(

@@ -28,13 +28,15 @@ Transport (`sync.transport`).  With gloo and every actor on the learner's
 machine, a bucket need not cross a socket: rank 0 packs it into a shared
 region (`flywheel/shared_region.py`) that every actor maps, and step 2's
 header says HEADER_SHARED instead of HEADER_DATA, with no payload broadcast.
-The region holds a whole update (`region_layout`), so no bucket is
-overwritten before the ack.  Rank 0 creates it at the first update: a header
-[MAP, size] and the region's name (an int64 pair) go to every actor, which
-maps it, and all_reduce(MAX) says whether one could not (another machine);
-rank 0 then removes the name.  "auto" falls back to the broadcast for good
-when an actor could not map it or /dev/shm cannot hold it; "shm" raises
-instead; "broadcast" never tries.  NCCL always broadcasts.
+The region holds a whole update (`region_layout`).  Rank 0 creates it at the
+first update: a header [MAP, size] and the region's address (pid, descriptor,
+token) go to every actor, which maps it, and all_reduce(MAX) says whether one
+could not (another machine); rank 0 then closes the address.  "auto" falls
+back to the broadcast for good when an actor could not map it or the machine
+could not hold it; "shm" stops the update instead; "broadcast" never tries.
+NCCL always broadcasts.  Rank 0 writes the region again only after the next
+update's verdict, which an actor joins only once its engine has finished the
+last reload (vLLM keeps views of some buckets until then).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from torch.distributed.rendezvous import rendezvous
 
 from flywheel.collectives import broadcast_from_0, group_device, max_all_ranks
 from flywheel.records import WeightSpec, WeightSyncMeta
-from flywheel.shared_region import SharedRegion, new_token
+from flywheel.shared_region import SharedRegion
 from flywheel.weight_buckets import (
     HEADER_ABORT,
     HEADER_DATA,
@@ -127,9 +129,11 @@ def _or_abort(pg: ProcessGroup, header: torch.Tensor, tensors: Iterator, produce
     try:
         return produce()
     except Exception:
-        header.copy_(torch.tensor([HEADER_ABORT, 0]))
-        broadcast_from_0(pg, header, header.device)
-        _drain(tensors)
+        try:
+            header.copy_(torch.tensor([HEADER_ABORT, 0]))
+            broadcast_from_0(pg, header, header.device)
+        finally:  # even if the group itself failed: the other learner ranks wait in their gathers
+            _drain(tensors)
         raise
 
 
@@ -240,7 +244,7 @@ class WeightSender:
         buckets = plan_buckets(meta.specs, meta.bucket_bytes)
         offsets, size = region_layout(buckets)
         region = None
-        if self._wants_shm():
+        if self._wants_shm() and size:
             region = _or_abort(pg, header, tensors, lambda: self._shared_region(pg, header, size))
         elif self._region is not None:  # the transport was changed to broadcast
             self._drop_region()
@@ -308,28 +312,27 @@ class WeightSender:
         if self._region is not None and self._region.nbytes == size:
             return self._region
         self._drop_region()
-        token = new_token()
         try:
-            region = SharedRegion.create(token, size)
+            region = SharedRegion.create(size)
         except OSError as exc:
-            return self._no_region(f"/dev/shm cannot hold the {size / 2**20:.0f} MiB of an update ({exc})")
+            return self._no_region(f"could not make a shared region of {size / 2**20:.0f} MiB ({exc})")
         try:
             header.copy_(torch.tensor([HEADER_MAP, size]))
             broadcast_from_0(pg, header, self.device)
-            broadcast_from_0(pg, torch.tensor([token, 0], dtype=torch.int64), self.device)
+            broadcast_from_0(pg, torch.tensor(region.address(), dtype=torch.int64), self.device)
             unmapped = max_all_ranks(pg, 0, self.device)
         finally:
-            region.unlink()  # every actor has mapped it or given up: the name is not needed any more
+            region.release_address()  # every actor has mapped it or given up
         if unmapped:
             region.close()
             return self._no_region("a rollout actor could not map the learner's shared memory (it runs on "
-                                   "another machine, or does not share /dev/shm with the learner)")
+                                   "another machine or in another pid namespace; its log says why)")
         log.info("weight sync: every actor mapped a %.0f MiB shared region; buckets go through it", size / 2**20)
         self._region = region
         return region
 
     def _no_region(self, why: str) -> None:
-        if self.transport == "shm":
+        if self.transport == "shm":  # _or_abort tells the actors to stop waiting
             raise RuntimeError(f"sync.transport=shm: {why}; set sync.transport=auto (falls back to the "
                                "broadcast) or broadcast")
         log.warning("weight sync: %s; updates go over the group (broadcast) from now on", why)

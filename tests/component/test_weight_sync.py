@@ -226,7 +226,7 @@ def test_an_actor_that_cannot_map_the_learners_memory_gets_the_weights_over_the_
 
     worker, commands, _ = linked
 
-    def elsewhere(token, nbytes):
+    def elsewhere(pid, fd, token, nbytes):
         raise FileNotFoundError("no such region on this machine")
 
     def lands(seed: int, transport: str) -> int:

@@ -3,6 +3,7 @@ on hand-worked sizes; no process group, no vLLM."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from flywheel.records import WeightSpec
-from flywheel.shared_region import SharedRegion, new_token, region_path
+from flywheel.shared_region import SharedRegion
 from flywheel.weight_buckets import ALIGN, differing_weights, plan_buckets, region_layout, weight_digest
 from learner.weight_sync import WeightSender
 
@@ -86,26 +87,27 @@ def test_sender_imports_no_vllm_ray_or_deepspeed():
     assert out.stdout.strip() == "[]"
 
 
-def test_a_shared_region_is_one_memory_for_its_maker_and_a_mapper_and_leaves_no_name_behind():
-    token = new_token()
-    made = SharedRegion.create(token, 4096)
-    try:
-        mapped = SharedRegion.attach(token, 4096)
-        made.tensor[100:104] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
-        assert mapped.tensor[100:104].tolist() == [1, 2, 3, 4]
-        with pytest.raises(OSError, match="expected 8192"):
-            SharedRegion.attach(token, 8192)  # a layout of another size: a protocol error, not garbage
-        with pytest.raises(FileExistsError):
-            SharedRegion.create(token, 4096)
-    finally:
-        made.unlink()
-    assert not Path(region_path(token)).exists()
-    assert mapped.tensor[100:104].tolist() == [1, 2, 3, 4]  # the name is gone, the memory stays mapped
+def test_a_shared_region_is_one_memory_for_its_maker_and_a_mapper_and_has_no_name():
+    made = SharedRegion.create(4096)
+    pid, fd, token = made.address()
+    mapped = SharedRegion.attach(pid, fd, token, 4096)
+    made.tensor[100:104] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    assert mapped.tensor[100:104].tolist() == [1, 2, 3, 4]
+    with pytest.raises(OSError, match="the update's layout 8192"):
+        SharedRegion.attach(pid, fd, token, 8192)  # a layout of another size: an error, not garbage
+    with pytest.raises(FileNotFoundError, match="another machine"):
+        SharedRegion.attach(pid, fd, token ^ 1, 4096)  # another region at that address
+    assert not [n for n in os.listdir("/dev/shm") if "flywheel" in n]  # nothing named to leave behind
+    made.release_address()
+    with pytest.raises(RuntimeError, match="released"):
+        made.address()
+    assert mapped.tensor[100:104].tolist() == [1, 2, 3, 4]  # the mappings outlive the address
+    assert f"flywheel-weights-{token:016x}" in Path("/proc/self/maps").read_text()
     view = mapped.tensor[:8]
     mapped.close()  # a view outlives the close: the mapping goes with it
     made.close()
     assert view.sum().item() == 0
     del view
-    assert region_path(token) not in Path("/proc/self/maps").read_text()  # unmapped with the last view
+    assert f"flywheel-weights-{token:016x}" not in Path("/proc/self/maps").read_text()  # unmapped with the last view
     with pytest.raises(FileNotFoundError):
-        SharedRegion.attach(new_token(), 4096)  # what an actor on another machine meets
+        SharedRegion.attach(2**22 + 7, 3, token, 4096)  # no such process here

@@ -147,29 +147,6 @@ def start_hf(spec: dict):
     return one_pass, {"torch_threads": torch.get_num_threads()}
 
 
-def passes(start, spec: dict) -> dict:
-    """Start one side, generate the batch 1 + passes times (the first is the warm-up: it also
-    touches the KV cache's pages), and report the median of the rest."""
-    one_pass, facts = start(spec)
-    walls, tokens = [], 0
-    for _ in range(1 + spec["passes"]):
-        wall, tokens = one_pass()
-        walls.append(wall)
-    wall = statistics.median(walls[1:])
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "first_wall_s": walls[0],
-            "walls_s": walls[1:], **facts}
-
-
-def run_vllm(spec: dict) -> dict:
-    """One rollout actor: start it, warm it up, time its passes."""
-    return passes(start_vllm, spec)
-
-
-def run_hf(spec: dict) -> dict:
-    """transformers `generate`: load, warm up, time its passes."""
-    return passes(start_hf, spec)
-
-
 def _serve(start, spec: dict, commands, results) -> None:
     """A side kept alive between passes: start it, then run one pass per command."""
     try:
@@ -209,6 +186,20 @@ class Served:
             self.proc.kill()
 
 
+def measure(start, spec: dict) -> dict:
+    """Start one side in its own process, generate the batch 1 + passes times (the first is the
+    warm-up: it also touches the KV cache's pages), and report the median of the rest."""
+    side = Served(start, spec)
+    try:
+        runs = [side.run() for _ in range(1 + spec["passes"])]
+    finally:
+        side.close()
+    walls, tokens = [w for w, _ in runs], runs[-1][1]
+    wall = statistics.median(walls[1:])
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "first_wall_s": walls[0],
+            "walls_s": walls[1:], **side.facts}
+
+
 def paired(hf_spec: dict, vllm_spec: dict, pairs: int) -> dict:
     """Both sides up at once, their passes alternating (in turn first within a pair), so that a slow
     spell of the machine falls on both: the speed-up is the median of the pairs' ratios. Only one
@@ -230,30 +221,6 @@ def paired(hf_spec: dict, vllm_spec: dict, pairs: int) -> dict:
             "ratios": ratios, "speedup": statistics.median(ratios),
             "hf_tokens_per_s": tokens / statistics.median(walls["hf"]),
             "vllm_tokens_per_s": tokens / statistics.median(walls["vllm"])}
-
-
-def _child(target, spec: dict, results) -> None:
-    try:
-        results.put(("ok", target(spec)))
-    except BaseException:
-        results.put(("error", traceback.format_exc()))
-
-
-def in_process(target, spec: dict, timeout_s: float = 1800) -> dict:
-    """Run `target(spec)` in a fresh spawned process and return its result (one engine at a time)."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(target, spec, results))
-    proc.start()
-    try:
-        kind, payload = results.get(timeout=timeout_s)
-    finally:
-        proc.join(timeout=60)
-        if proc.is_alive():
-            proc.kill()
-    if kind != "ok":
-        raise SystemExit(f"{target.__name__} failed:\n{payload}")
-    return payload
 
 
 # ------------------------------------------------------------------------- roofline
@@ -303,12 +270,12 @@ def bench_model(args, model: str, dtype: str, threads: int) -> dict:
     out: dict = {"params": params, "dtype": dtype, "threads": threads, "prompts": args.prompts,
                  "new_tokens": args.new_tokens}
 
-    out["hf"] = in_process(run_hf, {**base, "cfg": load_cfg(args, model)})
-    out["vllm_eager"] = in_process(run_vllm, {**base, "cfg": load_cfg(args, model, ["rollout.enforce_eager=true"])})
+    out["hf"] = measure(start_hf, {**base, "cfg": load_cfg(args, model)})
+    out["vllm_eager"] = measure(start_vllm, {**base, "cfg": load_cfg(args, model, ["rollout.enforce_eager=true"])})
     compiled = load_cfg(args, model, ["rollout.enforce_eager=false"])
     with tempfile.TemporaryDirectory(prefix="flywheel-compile-") as cache:  # empty: a first start
-        out["vllm_compiled_first"] = in_process(run_vllm, {**base, "cfg": compiled, "compile_cache_dir": cache})
-        out["vllm_compiled"] = in_process(run_vllm, {**base, "cfg": compiled, "compile_cache_dir": cache})
+        out["vllm_compiled_first"] = measure(start_vllm, {**base, "cfg": compiled, "compile_cache_dir": cache})
+        out["vllm_compiled"] = measure(start_vllm, {**base, "cfg": compiled, "compile_cache_dir": cache})
     mode = "compiled" if out["vllm_compiled"]["tokens_per_s"] >= out["vllm_eager"]["tokens_per_s"] else "eager"
     best = out["vllm_compiled" if mode == "compiled" else "vllm_eager"]
 
@@ -316,14 +283,14 @@ def bench_model(args, model: str, dtype: str, threads: int) -> dict:
     shared = {**base, "prompts": max(1, args.prompts // args.samples),
               "cfg": load_cfg(args, model, [f"rollout.enforce_eager={str(mode == 'eager').lower()}",
                                             f"rollout.samples_per_prompt={args.samples}"])}
-    out["prefix_caching_on"] = in_process(run_vllm, shared)
-    out["prefix_caching_off"] = in_process(run_vllm, {**shared, "prefix_caching": False})
+    out["prefix_caching_on"] = measure(start_vllm, shared)
+    out["prefix_caching_off"] = measure(start_vllm, {**shared, "prefix_caching": False})
     same_mode = f"rollout.enforce_eager={str(mode == 'eager').lower()}"
     # The engine as vLLM's CPU default would build it: 128-token KV blocks.
-    out["vllm_block_128"] = in_process(run_vllm, {**base, "cfg": load_cfg(args, model, [same_mode, "rollout.block_size=128"])})
+    out["vllm_block_128"] = measure(start_vllm, {**base, "cfg": load_cfg(args, model, [same_mode, "rollout.block_size=128"])})
     # Linear weights in torch's layout, not prepacked for oneDNN: what a weight update would cost
     # nothing to repack for (benchmarks/weight_sync.py), at this generation speed.
-    out["vllm_unpacked"] = in_process(run_vllm, {**base, "cfg": load_cfg(args, model, [same_mode]), "prepack": False})
+    out["vllm_unpacked"] = measure(start_vllm, {**base, "cfg": load_cfg(args, model, [same_mode]), "prepack": False})
 
     # The headline: both sides up at once, their passes alternating.
     out["paired"] = paired({**base, "cfg": load_cfg(args, model)}, {**base, "cfg": load_cfg(args, model, [same_mode])},

@@ -261,9 +261,8 @@ class TorchDistWeightTransferEngine(
                 if not (code == HEADER_DATA or shared) or nbytes != bucket.nbytes:
                     arrivals.put(("error", RuntimeError(
                         f"weight-sync protocol mismatch at bucket {number}: got header "
-                        f"({code}, {nbytes}), expected ({HEADER_DATA} or, with a shared region mapped, "
-                        f"{HEADER_SHARED}; {bucket.nbytes}); the learner and the actors run different "
-                        "versions of flywheel/weight_buckets.py"
+                        f"({code}, {nbytes}), expected ({HEADER_DATA} or {HEADER_SHARED}, {bucket.nbytes}); the "
+                        "learner and the actors run different versions of flywheel/weight_buckets.py"
                     )))
                     return
                 if shared:

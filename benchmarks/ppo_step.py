@@ -87,6 +87,7 @@ def timed_mode(name: str, root: Path, workload: list[str], staleness: int, warmu
 def gold_runs(root: Path, seeds: list[int], steps: int) -> dict:
     """The default tiny PPO workload, synchronous and asynchronous, one launch per seed."""
     out: dict[str, list[float]] = {"sync": [], "async": []}
+    curves: dict[str, list[list[float]]] = {"sync": [], "async": []}  # the training batches' gold, step by step
     for seed in seeds:
         for mode, staleness in (("sync", 0), ("async", 1)):
             run = root / f"gold_{mode}_seed{seed}"
@@ -95,6 +96,7 @@ def gold_runs(root: Path, seeds: list[int], steps: int) -> dict:
                                  "run.save_final=false", f"rollout.max_staleness={staleness}",
                                  "rollout.num_threads=1", "learner.num_threads=1"])
             out[mode].append(json.loads((run / "summary.json").read_text())["after"]["eval_gold_reward"])
+            curves[mode].append([r["gold_reward_mean"] for r in read_metrics(run / "metrics.jsonl")])
     lo, hi = min(out["sync"]), max(out["sync"])
     async_mean = statistics.mean(out["async"])
     # The target: the asynchronous runs' final gold reward (their mean) inside the synchronous runs'
@@ -102,7 +104,7 @@ def gold_runs(root: Path, seeds: list[int], steps: int) -> dict:
     # seeds a side that holds even for two samplings of the same distribution only about one time in five.
     return {**out, "sync_spread": [lo, hi], "sync_mean": statistics.mean(out["sync"]), "async_mean": async_mean,
             "async_mean_within_sync_spread": lo <= async_mean <= hi,
-            "every_async_within_sync_spread": all(lo <= g <= hi for g in out["async"])}
+            "every_async_within_sync_spread": all(lo <= g <= hi for g in out["async"]), "training_gold": curves}
 
 
 def _print_gold(g: dict) -> None:

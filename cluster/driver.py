@@ -23,10 +23,11 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -47,8 +48,12 @@ log = logging.getLogger("flywheel.driver")
 class Services:
     """Reward service, Ray, placement group, rollout actors, learner ranks, weight sync."""
 
-    def __init__(self, cfg: FlywheelConfig, model_path: str, dtype: str, out_dir: Path):
+    def __init__(self, cfg: FlywheelConfig, model_path: str, dtype: str, out_dir: Path,
+                 before_actors: Callable[[], object] | None = None):
+        """`before_actors`, when given, is called once Ray is up and before any actor is made: what
+        must succeed before the run's heavy processes start (the driver waits there for its prompts)."""
         self.cfg, self.model_path, self.dtype, self.out_dir = cfg, model_path, dtype, out_dir
+        self._before_actors = before_actors
         self._stack = ExitStack()
 
     def __enter__(self) -> "Services":
@@ -66,6 +71,8 @@ class Services:
         cfg = self.cfg
         self.reward = self._start_reward()
         start_ray(cfg, self._stack)
+        if self._before_actors is not None:
+            self._before_actors()
         from cluster.groups import LearnerGroup, RolloutGroup, WeightSync, kill_actors, make_placement_group
 
         import ray
@@ -326,10 +333,12 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
     if cfg.reward.url is not None:
         _check_reward_reachable(cfg)  # fail in seconds, before building or starting anything
     model_path = resolve_model(cfg)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts, eval_prompts = load_prompt_sets(cfg, tokenizer, out_dir / "data")
+    # The tokenizer's import and the prompts' tokenising take seconds of one core while Ray's start
+    # mostly waits on its own processes, so the two overlap; a bad prompt still stops the run before
+    # any actor starts (Services waits for the prompts there).
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flywheel-prompts")
+    prompt_sets = pool.submit(_prompt_sets, cfg, model_path, out_dir / "data")
+    pool.shutdown(wait=False)  # its one thread ends with this job
     synthetic = cfg.data.prompts_path is None  # a gold reward exists only for the embedded tasks' prompts
     task = get_task(cfg.data.task)
     if resume:
@@ -339,7 +348,8 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"model_path": model_path, "steps": cfg.run.steps, "dtype": precision.dtype,
                                "dtype_reason": precision.reason, "machine": machine}
     with (live_dashboard(cfg.monitor, out_dir, metrics.progress),
-          Services(cfg, model_path, precision.dtype, out_dir) as services):
+          Services(cfg, model_path, precision.dtype, out_dir, before_actors=prompt_sets.result) as services):
+        prompts, eval_prompts = prompt_sets.result()
         summary["startup_s"] = time.perf_counter() - t_start
         if resume is None:
             first, probe = 0, None
@@ -404,6 +414,12 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
     summary["total_s"] = time.perf_counter() - t_start
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _prompt_sets(cfg: FlywheelConfig, model_path: str, data_dir: Path) -> tuple[PromptStream, PromptStream | None]:
+    from transformers import AutoTokenizer
+
+    return load_prompt_sets(cfg, AutoTokenizer.from_pretrained(model_path), data_dir)
 
 
 def save_checkpoint(services: Services, cfg: FlywheelConfig, steps_done: int, prompts: PromptStream,

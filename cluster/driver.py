@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -333,12 +333,7 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
     if cfg.reward.url is not None:
         _check_reward_reachable(cfg)  # fail in seconds, before building or starting anything
     model_path = resolve_model(cfg)
-    # The tokenizer's import and the prompts' tokenising take seconds of one core while Ray's start
-    # mostly waits on its own processes, so the two overlap; a bad prompt still stops the run before
-    # any actor starts (Services waits for the prompts there).
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flywheel-prompts")
-    prompt_sets = pool.submit(_prompt_sets, cfg, model_path, out_dir / "data")
-    pool.shutdown(wait=False)  # its one thread ends with this job
+    prompt_sets = _load_prompts_beside_ray(cfg, model_path, out_dir / "data")
     synthetic = cfg.data.prompts_path is None  # a gold reward exists only for the embedded tasks' prompts
     task = get_task(cfg.data.task)
     if resume:
@@ -416,10 +411,37 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
     return summary
 
 
-def _prompt_sets(cfg: FlywheelConfig, model_path: str, data_dir: Path) -> tuple[PromptStream, PromptStream | None]:
-    from transformers import AutoTokenizer
+def _load_prompts_beside_ray(cfg: FlywheelConfig, model_path: str, data_dir: Path) -> Future:
+    """The training and eval prompt streams, loaded in a thread while the main thread starts the
+    reward service and Ray: the tokenizer's import and the tokenising take seconds of one core, while
+    Ray's start mostly waits on its own processes. A bad prompt still stops the run before any actor
+    starts (Services waits for the prompts there).
 
-    return load_prompt_sets(cfg, AutoTokenizer.from_pretrained(model_path), data_dir)
+    Python 3.11 raises a deadlock error when two threads import modules of one package at once in
+    opposite orders, so what the reward client and Ray's start import lazily and the tokenizer's
+    import would also import is imported here first. With these, the two threads' imports share no
+    package (measured with ray 2.60, transformers and datasets as pinned)."""
+    import ctypes.util  # noqa: F401
+
+    import anyio  # noqa: F401
+    import h11  # noqa: F401
+    import httpcore._sync.http11  # noqa: F401
+    import ray  # noqa: F401
+
+    import cluster.groups  # noqa: F401
+    import reward_service.client  # noqa: F401
+    import reward_service.process  # noqa: F401
+
+    def load() -> tuple[PromptStream, PromptStream | None]:
+        from transformers import AutoTokenizer
+
+        return load_prompt_sets(cfg, AutoTokenizer.from_pretrained(model_path), data_dir)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flywheel-prompts")
+    try:
+        return pool.submit(load)
+    finally:
+        pool.shutdown(wait=False)  # its one thread ends with this job
 
 
 def save_checkpoint(services: Services, cfg: FlywheelConfig, steps_done: int, prompts: PromptStream,

@@ -156,3 +156,17 @@ def test_unreachable_reward_service_fails_within_timeout(tmp_path):
     # 3 s of reward timeout plus start-up (imports, building the tiny model if not cached).
     assert elapsed < 90, elapsed
     _assert_no_leftovers(marker)
+
+
+@pytest.mark.timeout(180)
+def test_prompts_longer_than_the_context_stop_the_launch_before_any_actor(tmp_path):
+    """The prompts are tokenised while Ray starts; one that cannot fit still stops the launch with the
+    fix, before a rollout actor or learner rank is made, and leaves no process behind."""
+    marker = uuid.uuid4().hex
+    result = _launch(["--config", str(CONFIG), "--output-dir", str(tmp_path / "run"), "model.max_model_len=20"],
+                     timeout_s=150, marker=marker)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "tokens but only 4 fit" in result.stderr and "Raise model.max_model_len" in result.stderr
+    assert "RolloutWorker" not in result.stderr and "LearnerWorker" not in result.stderr  # no actor ever logged
+    assert not (tmp_path / "run" / "metrics.jsonl").read_text().strip()
+    _assert_no_leftovers(marker)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import ray
@@ -298,7 +298,10 @@ class StageGroup:
     per DeepSpeed rank in its own placement group; every call goes to all ranks with the same
     arguments (each takes its share of the batch) and rank 0's answer is returned."""
 
-    def __init__(self, cfg: FlywheelConfig, worker_cls: type, model_path: str, dtype: str, **kwargs: Any):
+    def __init__(self, cfg: FlywheelConfig, worker_cls: type, model_path: str, dtype: str,
+                 while_starting: Callable[[], object] | None = None, **kwargs: Any):
+        """Starts the ranks and waits until each is up; `while_starting`, when given, runs in the
+        meantime (the driver's own preparation, beside the ranks' imports and engine builds)."""
         from learner.engine import LearnerSetup
 
         self.cfg = cfg
@@ -321,6 +324,8 @@ class StageGroup:
                     num_cpus=lc.num_cpus_per_rank, num_gpus=gpu, runtime_env=_threads_env(lc.num_threads),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 ).remote(setup, **kwargs))
+            if while_starting is not None:
+                while_starting()
             wait([r.__ray_ready__.remote() for r in self.ranks], cfg.run.step_timeout_s,
                  f"starting the {worker_cls.__name__} ranks")
         except BaseException:

@@ -18,6 +18,7 @@ Every batch writes a line to `metrics.jsonl`; `summary.json` holds the figures.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -70,6 +71,11 @@ def _pairs(source: str | None, count: int, seed: int) -> list[data_formats.Prefe
             for p in synthetic_task.make_preference_pairs(count, seed)]
 
 
+@functools.lru_cache(maxsize=2)
+def _tokens(model_path: str) -> "_Tokens":
+    return _Tokens(model_path)
+
+
 class _Tokens:
     """Policy-tokenised prompts and completions (completions end with EOS when asked)."""
 
@@ -101,7 +107,7 @@ def _train_sft(cfg: FlywheelConfig, group, model_path: str, data: tuple[list, li
                metrics: MetricsWriter) -> dict[str, Any]:
     sc = cfg.sft
     train, held = data
-    tokens = _Tokens(model_path)
+    tokens = _tokens(model_path)
     tp, tr = tokens.prompts([e.prompt for e in train]), tokens.completions([e.response for e in train], eos=True)
     hp, hr = tokens.prompts([e.prompt for e in held]), tokens.completions([e.response for e in held], eos=True)
 
@@ -192,7 +198,7 @@ def _load_dpo(cfg: FlywheelConfig) -> tuple[list, list]:
 def _train_dpo(cfg: FlywheelConfig, group, model_path: str, data: tuple[list, list],
                metrics: MetricsWriter) -> dict[str, Any]:
     dc, world = cfg.dpo, cfg.learner.world_size
-    tokens = _Tokens(model_path)
+    tokens = _tokens(model_path)
 
     def encode(pairs: list) -> dict[str, Any]:
         enc = {"prompts": tokens.prompts([p.prompt for p in pairs]),
@@ -277,7 +283,10 @@ def run_stage(cfg: FlywheelConfig) -> dict[str, Any]:
     metrics = MetricsWriter(out_dir / "metrics.jsonl", sinks=tensorboard)
     with ExitStack() as stack:
         start_ray(cfg, stack)
-        group = StageGroup(cfg, worker_cls, start_from, precision.dtype, **kwargs)
+        # SFT and DPO tokenise in the driver: the tokenizer's import (seconds of one core) runs while
+        # the ranks start.
+        tokenizer = (lambda: _tokens(start_from)) if cfg.run.stage in ("sft", "dpo") else None
+        group = StageGroup(cfg, worker_cls, start_from, precision.dtype, while_starting=tokenizer, **kwargs)
         stack.callback(group.shutdown)
         summary.update(train(cfg, group, start_from, data, metrics))
         summary["model"] = group.call("save_hf", str((out_dir / "model").resolve()), what="saving the model")

@@ -2,6 +2,7 @@
 
     python benchmarks/ppo_step.py --json OUT.json [--model small] [--steps 12] [--gold-seeds 0 1 2]
     python benchmarks/ppo_step.py --json OUT.json --gold-only --gold-seeds 0 1 2
+    python benchmarks/ppo_step.py --json OUT.json --gold-merge GOLD_A.json GOLD_B.json
 
 Each measurement is one `python -m cluster.launch` of `configs/local_tiny_ppo.yaml` (real vLLM,
 DeepSpeed, Ray and the HTTP reward service) with one rollout actor and one learner rank, each
@@ -21,7 +22,8 @@ on a cluster:
 - with `--gold-seeds`, full-length runs of the default tiny PPO workload, synchronous and
   asynchronous, one per seed: the held-out gold reward each ends at, so that what asynchronous
   mode costs in quality shows beside what it saves in time (`--gold-only` runs just these; they
-  time nothing).
+  time nothing). `--gold-merge` joins such reports of other seeds into one, with the difference of
+  the means and its standard error.
 
 Keys: `sync_steps_per_s`, `async_steps_per_s`, `async_speedup`, `overlap_bound` (the synchronous
 step time over the larger of its generation and non-generation parts: the most that perfect
@@ -97,21 +99,70 @@ def gold_runs(root: Path, seeds: list[int], steps: int) -> dict:
                                  "rollout.num_threads=1", "learner.num_threads=1"])
             out[mode].append(json.loads((run / "summary.json").read_text())["after"]["eval_gold_reward"])
             curves[mode].append([r["gold_reward_mean"] for r in read_metrics(run / "metrics.jsonl")])
-    lo, hi = min(out["sync"]), max(out["sync"])
-    async_mean = statistics.mean(out["async"])
-    # The target: the asynchronous runs' final gold reward (their mean) inside the synchronous runs'
-    # spread. Whether every single asynchronous run lands inside it is reported beside it: with three
-    # seeds a side that holds even for two samplings of the same distribution only about one time in five.
-    return {**out, "sync_spread": [lo, hi], "sync_mean": statistics.mean(out["sync"]), "async_mean": async_mean,
-            "async_mean_within_sync_spread": lo <= async_mean <= hi,
-            "every_async_within_sync_spread": all(lo <= g <= hi for g in out["async"]), "training_gold": curves}
+    return gold_summary(seeds, out["sync"], out["async"], curves)
+
+
+def gold_summary(seeds: list[int], sync: list[float], asyn: list[float], curves: dict) -> dict:
+    """The comparison of final gold rewards, seed by seed (runs of one seed share their prompts).
+
+    The target: the asynchronous runs' final gold reward (their mean) inside the synchronous runs'
+    spread. Whether every single asynchronous run lands inside it is reported beside it: with three
+    seeds a side that holds even for two samplings of the same distribution only about one time in
+    five. With more seeds the difference of the means and its standard error say more: paired by
+    seed, and unpaired (Welch's, which assumes nothing of the pairing)."""
+    lo, hi = min(sync), max(sync)
+    async_mean = statistics.mean(asyn)
+    report = {"seeds": seeds, "sync": sync, "async": asyn, "sync_spread": [lo, hi], "sync_mean": statistics.mean(sync),
+              "async_mean": async_mean, "async_mean_within_sync_spread": lo <= async_mean <= hi,
+              "every_async_within_sync_spread": all(lo <= g <= hi for g in asyn)}
+    if len(seeds) > 1:
+        diffs = [a - s for s, a in zip(sync, asyn, strict=True)]
+        n = len(diffs)
+        report.update(
+            sync_sd=statistics.stdev(sync), async_sd=statistics.stdev(asyn),
+            async_minus_sync=statistics.mean(diffs),
+            async_minus_sync_se_paired=statistics.stdev(diffs) / n ** 0.5,
+            async_minus_sync_se_unpaired=((statistics.variance(sync) + statistics.variance(asyn)) / n) ** 0.5,
+        )
+    return {**report, "training_gold": curves}
+
+
+def merge_gold(paths: list[str]) -> dict:
+    """One gold comparison from several `--gold-only` reports of the same length and distinct seeds."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    steps = {r["gold_steps"] for r in reports}
+    if len(steps) != 1:
+        raise SystemExit(f"--gold-merge: the reports ran different lengths ({sorted(steps)} steps); merge equal ones")
+    seeds: list[int] = []
+    sync: list[float] = []
+    asyn: list[float] = []
+    curves: dict[str, list] = {"sync": [], "async": []}
+    for path, r in zip(paths, reports, strict=True):
+        g = r["gold"]
+        if "seeds" not in g:
+            raise SystemExit(f"--gold-merge: {path} does not say its seeds (key gold.seeds); add them from the "
+                             "command that made it")
+        seeds += g["seeds"]
+        sync += g["sync"]
+        asyn += g["async"]
+        for mode in curves:
+            curves[mode] += g["training_gold"][mode]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--gold-merge: seeds {sorted(seeds)} repeat; each seed's runs are deterministic, so a "
+                         "repeat adds nothing")
+    return {"gold": gold_summary(seeds, sync, asyn, curves), "gold_steps": steps.pop(), "merged_from": paths,
+            "wall_s": sum(r["wall_s"] for r in reports)}
 
 
 def _print_gold(g: dict) -> None:
-    print(f"gold reward after training: sync {[round(v, 4) for v in g['sync']]} (spread "
+    print(f"gold reward after training, seeds {g['seeds']}: sync {[round(v, 4) for v in g['sync']]} (spread "
           f"{g['sync_spread'][0]:.4f}-{g['sync_spread'][1]:.4f}), async {[round(v, 4) for v in g['async']]} "
           f"(mean {g['async_mean']:.4f}: {'inside' if g['async_mean_within_sync_spread'] else 'outside'} "
           "the synchronous spread)")
+    if "async_minus_sync" in g:
+        print(f"async - sync: {g['async_minus_sync']:+.4f} (standard error {g['async_minus_sync_se_paired']:.4f} "
+              f"paired by seed, {g['async_minus_sync_se_unpaired']:.4f} unpaired); standard deviations: sync "
+              f"{g['sync_sd']:.4f}, async {g['async_sd']:.4f}")
 
 
 def main() -> int:
@@ -129,6 +180,8 @@ def main() -> int:
     parser.add_argument("--gold-steps", type=int, default=25, help="steps of each gold-reward run")
     parser.add_argument("--gold-only", action="store_true",
                         help="only the gold-reward comparison (nothing timed, so it may share the machine)")
+    parser.add_argument("--gold-merge", nargs="+", metavar="REPORT",
+                        help="merge --gold-only reports of distinct seeds into one (runs nothing)")
     parser.add_argument("--runs", default="runs/ppo_step", help="where the launches write (inside the repository)")
     args = parser.parse_args()
 
@@ -140,6 +193,11 @@ def main() -> int:
                 f"rollout.samples_per_prompt={samples}", f"rollout.max_new_tokens={tokens}",
                 f"learner.minibatch_size={prompts * samples}", f"model.max_model_len={MAX_MODEL_LEN}"]
 
+    if args.gold_merge:
+        report = merge_gold(args.gold_merge)
+        _print_gold(report["gold"])
+        write_result(args.json, report)
+        return 0
     if args.gold_only:
         if not args.gold_seeds:
             parser.error("--gold-only needs --gold-seeds")

@@ -245,6 +245,8 @@ def pin_mmap_threshold(nbytes: int = HEAP_MMAP_THRESHOLD_BYTES) -> str:
     few MiB come from its heap, whose freed memory is kept rather than returned. That memory
     stays resident for the life of the process and does not shrink as ZeRO-3 ranks are added
     (benchmarks/memory.py). A fixed threshold (which also stops the raising) gives it back.
+    The price is fresh pages for each such allocation. Learner ranks only: a rollout actor's
+    CPU engine repacks every weight into new memory at each update, which this made 2.4x slower.
     `MALLOC_MMAP_THRESHOLD_` in the environment wins (glibc read it at start); without glibc
     (musl, macOS) this does nothing.
     """

@@ -229,33 +229,3 @@ def actor_threads(num_cpus: float = 1.0, num_threads: int | None = None) -> int:
     if num_threads is not None:
         return num_threads
     return max(math.floor(num_cpus), 1)
-
-
-# glibc's mallopt parameter number for the size from which an allocation gets its own mapping.
-_M_MMAP_THRESHOLD = -3
-# Learner ranks allocate from this size up with their own mapping, returned to the system on free.
-HEAP_MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def pin_mmap_threshold(nbytes: int = HEAP_MMAP_THRESHOLD_BYTES) -> str:
-    """Make glibc map every allocation of `nbytes` or more on its own; returns what was done.
-
-    By default glibc raises that threshold, up to 32 MiB, each time a mapped block is freed,
-    so after the first few training steps a rank's activations and optimiser temporaries of a
-    few MiB come from its heap, whose freed memory is kept rather than returned. That memory
-    stays resident for the life of the process and does not shrink as ZeRO-3 ranks are added
-    (benchmarks/memory.py). A fixed threshold (which also stops the raising) gives it back.
-    The price is fresh pages for each such allocation. Learner ranks only: a rollout actor's
-    CPU engine repacks every weight into new memory at each update, which this made 2.4x slower.
-    `MALLOC_MMAP_THRESHOLD_` in the environment wins (glibc read it at start); without glibc
-    (musl, macOS) this does nothing.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return f"left as MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} from the environment"
-    if platform.libc_ver()[0] != "glibc":
-        return "left as it is: the C library is not glibc"
-    import ctypes
-
-    if not ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, nbytes):
-        return "left as it is: glibc refused the setting"
-    return f"pinned at {nbytes} bytes"

@@ -21,7 +21,6 @@ from typing import Iterator
 
 import torch
 
-from flywheel.hardware import pin_mmap_threshold
 from flywheel.records import SamplingSettings
 from learner.models import DTYPES
 
@@ -122,7 +121,6 @@ def build_ops() -> None:
 def join_group(setup: LearnerSetup) -> torch.device:
     """Seed, set threads, join the DeepSpeed group (gloo on CPU, NCCL on GPU); the rank's device."""
     torch.manual_seed(setup.seed + setup.rank)
-    pin_mmap_threshold()
     prepare_op_builds()
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         # Ray's worker may have started torch with its own thread count.

@@ -8,14 +8,11 @@ fp32), and AMD EPYC with AVX2 only (bf16 ~70x slower than fp32).
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from flywheel.hardware import actor_threads, pin_mmap_threshold, read_cpu_info, resolve_dtype
+from flywheel.hardware import actor_threads, read_cpu_info, resolve_dtype
 
 # 24,600,000 kB total and 23,000,000 kB available, in bytes: x 1024.
 MEMINFO = "MemTotal:       24600000 kB\nMemFree:        20000000 kB\nMemAvailable:   23000000 kB\n"
@@ -130,44 +127,3 @@ def test_this_machine_matches_proc():
     if models:  # x86; ARM's /proc/cpuinfo has no model name
         assert cpu.model == models[0]
     assert cpu.cores == len(os.sched_getaffinity(0)) and cpu.memory_bytes > 0
-
-
-# Run in a fresh interpreter, so that neither glibc's raised threshold nor the pinning touches
-# the test process: a 16 MiB block is freed (glibc then heaps everything below 16 MiB), twenty
-# 8 MiB blocks are made under a 1 MiB one (which holds the heap's top, as a training step's
-# later allocations do) and freed; what stays resident of them is printed.
-_HEAP_PROBE = """
-import os, sys, torch
-from flywheel.hardware import pin_mmap_threshold
-if sys.argv[1] == "pin":
-    print(pin_mmap_threshold(), file=sys.stderr)
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-big = torch.ones(4 << 20)
-del big
-base = rss()
-blocks = [torch.ones(2 << 20) for _ in range(20)]
-keep = torch.ones(1 << 18)
-del blocks
-print((rss() - base) / 2**20)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/statm").exists(),
-                    reason="glibc's allocator and /proc")
-def test_a_pinned_mmap_threshold_gives_freed_blocks_back():
-    def retained_mib(mode: str) -> float:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True,
-                             env=env, cwd=Path(__file__).resolve().parents[2], timeout=120, check=True)
-        if mode == "pin":
-            assert "pinned at 1048576 bytes" in out.stderr
-        return float(out.stdout)
-
-    assert retained_mib("default") > 100  # of the 160 MiB freed, glibc's heap keeps most
-    assert retained_mib("pin") < 20
-
-
-def test_an_mmap_threshold_from_the_environment_wins(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert pin_mmap_threshold() == "left as MALLOC_MMAP_THRESHOLD_=65536 from the environment"

@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from flywheel.hardware import apply_cpu_emulation
 from flywheel.records import PromptBatch, Rollout, WeightSyncMeta
 
 FINISH_REASONS = ("stop", "length")
@@ -143,6 +144,7 @@ class RolloutWorker:
             # vLLM wants whole GiB; round up so a small fractional setting still starts.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see compile_cache_dir above
+            apply_cpu_emulation()  # FLYWHEEL_EMULATE_CPU=avx2: vLLM's AVX2 kernels on any x86 CPU
         from vllm import LLM
         from vllm.platforms import current_platform
 

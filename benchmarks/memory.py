@@ -26,7 +26,7 @@ import json
 import sys
 import time
 
-from common import REPO, launch, load_average, write_result
+from common import REPO, add_emulation_option, begin_emulation, launch, load_average, write_result
 
 CONFIG = "configs/local_tiny_ppo.yaml"
 WORKLOAD = ["run.steps=2", "run.eval_prompts=4", "run.checkpoint_every=0", "run.save_final=false",
@@ -47,7 +47,9 @@ def main() -> int:
     parser.add_argument("--json", default="benchmarks/results/memory.json")
     parser.add_argument("--model", choices=["tiny", "small"], default="small")
     parser.add_argument("--runs", default="runs/memory", help="where the launches write (inside the repository)")
+    add_emulation_option(parser)
     args = parser.parse_args()
+    emulated = begin_emulation(args)  # every launch inherits the settings
     root = REPO / args.runs
     load_start = load_average("at the start")
     t0 = time.perf_counter()
@@ -57,7 +59,7 @@ def main() -> int:
     # The critic on the policy's own trunk: no second trunk, its gradients or AdamW moments.
     shared = peak("one_rank_shared_trunk", root, args.model, 1, ["learner.critic_trunk=shared"])
     ratio = max(two) / one[0]
-    report = {"model": args.model, "peak_gib_1_rank": one[0], "peak_gib_2_ranks": two,
+    report = {"model": args.model, "emulated_cpu": emulated, "peak_gib_1_rank": one[0], "peak_gib_2_ranks": two,
               "per_rank_ratio_2_over_1": ratio, "baseline_gib": baseline[0],
               "shared_trunk_peak_gib_1_rank": shared[0], "shared_over_separate_1_rank": shared[0] / one[0],
               "target": f"per_rank_ratio_2_over_1 <= {TARGET}", "target_met": ratio <= TARGET,

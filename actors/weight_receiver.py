@@ -25,10 +25,13 @@ The wire protocol (verdict, [header, bucket]*, DONE/ABORT, ack) is described in
 On the learner's machine (gloo) the buckets need not cross the group: the
 learner shares a region of memory once (a MAP header), and a HEADER_SHARED
 bucket is read where it lies in it (`flywheel/shared_region.py`).
-Received tensors go through `model.load_weights` inside vLLM's layerwise reload
+On a CPU engine of a supported model, received tensors are applied in place,
+each linear layer repacked straight from its view of the bucket
+(`actors/cpu_weights.py`, `DirectCpuLoader`).  Otherwise (GPU, other models)
+they go through `model.load_weights` inside vLLM's layerwise reload
 (`initialize_layerwise_reload` / `finalize_layerwise_reload`), which takes
-Hugging Face names, fuses q/k/v and gate/up itself, and re-runs the CPU
-backend's weight prepacking; a plain `load_weights` after start-up fails on CPU.
+Hugging Face names, fuses q/k/v and gate/up itself, and re-runs the backend's
+weight processing; a plain `load_weights` after start-up fails on CPU.
 
 Limits: one vLLM worker per actor (tensor parallel size 1): the actor is one
 rank of the group.  Registration is per process, which is enough with
@@ -122,11 +125,13 @@ class TorchDistWeightTransferEngine(
         self.buffer_device = torch.device("cpu")
         # CPU: one receive buffer per bucket, kept across updates (costs the model's
         # bytes once more): fresh 64 MiB buffers spent much of a sync in page faults.
-        # Reuse is safe: vLLM may keep views of a bucket until the reload is finalised,
+        # Reuse is safe: the loader may keep views of a bucket until the update ends,
         # but the next update's buckets arrive only after its verdict, which this actor
         # joins once its engine has finished the last one.  GPU: fresh buffers (memory is dearer).
         self._buffers: list[torch.Tensor] = []
         self._region: SharedRegion | None = None  # the learner's, once it has shared one
+        self._direct_plan: tuple[Any, str] | None = None  # decided at the first update
+        self._direct = None  # the DirectCpuLoader of the update in progress, if it applies
 
     def init_transfer_engine(self, init_info: TorchDistInitInfo) -> None:
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
@@ -154,12 +159,38 @@ class TorchDistWeightTransferEngine(
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        initialize_layerwise_reload(self.model)
+        if self._direct_plan is None:
+            self._direct_plan = self._plan_direct_loading()
+        self._direct = self._direct_plan[0]
+        if self._direct is None:
+            initialize_layerwise_reload(self.model)
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        if self._direct is not None:
+            incomplete = self._direct.finish()
+            if incomplete:  # only after a failed update, which the caller reports and redoes
+                log.warning("weight update ended with %d parameters not applied, e.g. %s",
+                            len(incomplete), incomplete[:3])
+            return
         finalize_layerwise_reload(self.model, self.model_config)
+
+    def _plan_direct_loading(self) -> tuple[Any, str]:
+        """(DirectCpuLoader or None, why): CPU engines load in place where the model allows."""
+        if self.device.type != "cpu":
+            return None, "GPU engines use vLLM's reload"
+        from actors.cpu_weights import DirectCpuLoader
+
+        loader, why = DirectCpuLoader.build(self.model, expected_hf_weights(self.model_config.hf_config))
+        log.info("weight updates load %s", "in place" if loader else f"through vLLM's reload ({why})")
+        return loader, why
+
+    def _load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        if self._direct is not None:
+            self._direct.load(weights)
+        else:
+            self.model.load_weights(weights)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         self.receive_weights(self.parse_update_info(update_info))
@@ -215,7 +246,7 @@ class TorchDistWeightTransferEngine(
                     # The layerwise wrappers keep these views until their layer is
                     # complete; each bucket has its own buffer, so none is overwritten
                     # within an update.
-                    self.model.load_weights(weights)
+                    self._load(weights)
                 except Exception as exc:  # reported after draining, see docstring
                     load_error = exc
         receiver.join()
@@ -336,6 +367,15 @@ def register_engine() -> None:
 
     if ENGINE_NAME not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(ENGINE_NAME, TorchDistWeightTransferEngine)
+
+
+def engine_load_path(worker) -> str | None:
+    """Run through `LLM.collective_rpc`: how this engine applies updates ("in place", or
+    "reload: <why>" for vLLM's layerwise reload); None before the first update."""
+    plan = worker.weight_transfer_engine._direct_plan
+    if plan is None:
+        return None
+    return "in place" if plan[0] is not None else f"reload: {plan[1]}"
 
 
 def engine_verdict(worker, reject: bool) -> bool:

@@ -16,13 +16,14 @@ learner's machine); the same updates over the group's broadcast are the
 baseline (`broadcast`, `shm_speedup_over_broadcast`);
 `memcpy_s` the median time of one `copy_` of the flattened weights (same bytes)
 into a preallocated buffer on the learner's threads; `repack_s` the median time of the CPU
-engine's own prepacking (oneDNN's blocked layout) of every linear weight on an actor's
-threads, which any update of a running CPU engine pays (`sync_over_repack` beside
-`sync_over_memcpy`).  The actors also report
-where their time went: in the broadcasts (the receiving thread), in
-`load_weights` (which also repacks each completed layer's CPU GEMM weights),
-and in the layerwise reload's start and finish; the first two overlap, so
-they add up to more than `receive`.
+engine's own prepacking (oneDNN's blocked layout) of every linear weight, one layer after
+another, on an actor's threads, which any update of a running CPU engine pays
+(`sync_over_repack` beside `sync_over_memcpy`).  The actors load each update in place
+(`actors/cpu_weights.py`, `load_path` "in place"); the same one-actor update through vLLM's
+layerwise reload is the baseline of that (`reload`, `in_place_speedup_over_reload`).  The
+actors also report where their time went: in the broadcasts (the receiving thread), in
+loading (`load`: which repacks each completed layer's CPU GEMM weights), and in the
+update's start and finish; the first two overlap, so they add up to more than `receive`.
 
     python benchmarks/weight_sync.py --json benchmarks/results/weight_sync.json
     python benchmarks/weight_sync.py --quick --json /tmp/weight_sync_quick.json   # tiny model, one repeat
@@ -48,10 +49,13 @@ CONFIG = "configs/local_tiny_ppo.yaml"
 TIMEOUT_S = 600.0
 
 
-def _actor_main(kwargs: dict, rank: int, world: int, commands, results) -> None:
+def _actor_main(kwargs: dict, rank: int, world: int, commands, results, load: str) -> None:
     """One rollout actor in its own process: join the group, receive updates on command."""
     try:
+        from actors.cpu_weights import LOAD_ENV
         from actors.rollout import RolloutWorker
+
+        os.environ[LOAD_ENV] = load
 
         worker = RolloutWorker(**kwargs)
         _time_receive_phases(worker)
@@ -67,7 +71,8 @@ def _actor_main(kwargs: dict, rank: int, world: int, commands, results) -> None:
             PHASES.clear()
             t0 = time.perf_counter()
             worker.receive_weights(meta)
-            results.put(("done", {"receive_s": time.perf_counter() - t0, **PHASES}))
+            results.put(("done", {"receive_s": time.perf_counter() - t0, **PHASES,
+                                  "load_path": worker.weight_load_path()}))
         worker.shutdown()
     except BaseException:
         results.put(("crashed", traceback.format_exc()))
@@ -90,20 +95,17 @@ def _time_receive_phases(worker) -> None:
         return wrapper
 
     engine = wr.TorchDistWeightTransferEngine
-    for name in ("_broadcast", "start_weight_update", "finish_weight_update"):
+    for name in ("_broadcast", "_load", "start_weight_update", "finish_weight_update"):
         if not hasattr(getattr(engine, name), "__wrapped_timer__"):
             wrapped = timed(name.strip("_") + "_s", getattr(engine, name))
             wrapped.__wrapped_timer__ = True
             setattr(engine, name, wrapped)
-    def wrap_load(vllm_worker) -> None:
-        model = vllm_worker.get_model()
-        model.load_weights = timed("load_weights_s", model.load_weights)
-
-    worker._llm.collective_rpc(wrap_load)  # in-process engine: the wrapper lands in this process
 
 
-def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: str) -> dict:
-    """Median seconds of one update into `actors` running actors over `transport`, and their breakdown."""
+def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: str, load: str = "auto") -> dict:
+    """Median seconds of one update into `actors` running actors over `transport`, loaded by `load`
+    (actors.cpu_weights.LOAD_ENV: "auto", in place where it applies, or "reload", vLLM's reload),
+    and their breakdown."""
     import torch
 
     from cluster.groups import rollout_worker_kwargs
@@ -117,7 +119,7 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: st
     world = 1 + actors
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(actors)]
     procs = [ctx.Process(target=_actor_main, daemon=True,
-                         args=(rollout_worker_kwargs(cfg, model_path, dtype, k), k + 1, world, *links[k]))
+                         args=(rollout_worker_kwargs(cfg, model_path, dtype, k), k + 1, world, *links[k], load))
              for k in range(actors)]
     for proc in procs:
         proc.start()
@@ -156,8 +158,9 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: st
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=10)
-    keys = sorted(phases[0][0])
-    return {"transport": used, "sync_s": statistics.median(walls), "sync_s_all": walls,
+    keys = sorted(k for k in phases[0][0] if k.endswith("_s"))
+    return {"transport": used, "load_path": phases[0][0]["load_path"], "sync_s": statistics.median(walls),
+            "sync_s_all": walls,
             "sender_s": statistics.median(sends),
             "actor_phases_s": {k: statistics.median(p[0][k] for p in phases) for k in keys},
             "buckets": len(meta_buckets(meta))}
@@ -208,7 +211,8 @@ def repack_seconds(model, threads: int, repeats: int = 5) -> float | None:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            handlers = [ops.create_onednn_mm(w.t(), 32) for w in weights]
+            for i, w in enumerate(weights):  # one layer at a time, as an update replaces them
+                handlers[i] = ops.create_onednn_mm(w.t(), 32)
             times.append(time.perf_counter() - t0)
         del handlers
     finally:
@@ -282,8 +286,19 @@ def main() -> int:
                   f"{r['sync_over_memcpy']:>7.1f} {r['gb_per_s']:>6.2f}  {phases}")
         report["actors"][str(n)]["shm_speedup_over_broadcast"] = (report["broadcast"][str(n)]["sync_s"]
                                                                   / report["actors"][str(n)]["sync_s"])
-    report.update({k: report["actors"]["1"][k] for k in ("transport", "sync_s", "sync_over_memcpy", "gb_per_s",
-                                                         "sync_over_repack", "shm_speedup_over_broadcast")}
+    if "1" in report["actors"] and report["actors"]["1"]["load_path"] == "in place":
+        # The baseline for loading in place: the same update through vLLM's layerwise reload.
+        r = sync_into(args, cfg, path, dtype.dtype, 1, cfg.sync.transport, load="reload")
+        r.update(sync_over_memcpy=r["sync_s"] / memcpy_s)
+        report["reload"] = {"1": r}
+        report["actors"]["1"]["in_place_speedup_over_reload"] = r["sync_s"] / report["actors"]["1"]["sync_s"]
+        phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
+        print(f"{1:>6} {r['transport'] + '*':>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
+              f"{r['sync_over_memcpy']:>7.1f} {nbytes / r['sync_s'] / 1e9:>6.2f}  {phases}")
+        print("* the same update through vLLM's layerwise reload instead of in place (actors/cpu_weights.py)")
+    report.update({k: report["actors"]["1"].get(k) for k in ("transport", "load_path", "sync_s", "sync_over_memcpy",
+                                                              "gb_per_s", "sync_over_repack", "shm_speedup_over_broadcast",
+                                                              "in_place_speedup_over_reload")}
                   if "1" in report["actors"] else {})
     report["load_average"] = {"start": load_start, "end": load_average("at the end")}
     write_result(args.json, report)

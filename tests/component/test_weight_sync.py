@@ -33,16 +33,16 @@ BUCKET_BYTES = 300_000  # embed (1 MiB) and MLP weights (768 KiB) exceed it; nor
 ATOL = 1e-4  # fp32 engine against fp32 transformers
 
 
-def perturbed_model(model_path: str, seed: int):
-    """The tiny policy in fp32, with N(0, 0.02) noise on every weight (seed 0: none)."""
+def perturbed_model(model_path: str, seed: int, dtype: str = "float32"):
+    """The tiny policy in `dtype`, with N(0, 0.02) noise on every weight (seed 0: none)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     if seed:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+                p.add_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
     return model.eval()
 
 
@@ -252,12 +252,14 @@ def test_an_actor_that_cannot_map_the_learners_memory_gets_the_weights_over_the_
     lands(seed=9, transport="broadcast")
 
 
-def _actor_main(model_path: str, rank: int, world_size: int, commands, results) -> None:
+def _actor_main(model_path: str, rank: int, world_size: int, commands, results, dtype: str = "float32",
+                eager: bool = True) -> None:
     """A rollout actor in its own process (as under Ray): joins the group, then serves commands."""
     try:
         from actors.rollout import RolloutWorker
 
-        worker = RolloutWorker(model_path, dtype="float32", max_model_len=128, seed=0, kv_cache_gib=1)
+        worker = RolloutWorker(model_path, dtype=dtype, max_model_len=128, seed=0, kv_cache_gib=1,
+                               enforce_eager=eager)
         with open("/proc/self/maps") as f:  # which of vLLM's kernel libraries (_C, _C_AVX512, _C_AVX2) it loaded
             kernels = sorted({line.rsplit("/", 1)[-1].strip() for line in f if "/vllm/_C" in line})
         facts = {"vllm_kernels": kernels, "torch_capability": torch.backends.cpu.get_cpu_capability()}
@@ -271,36 +273,47 @@ def _actor_main(model_path: str, rank: int, world_size: int, commands, results) 
                 break
             if cmd == "receive":
                 worker.receive_weights(meta)
-            results.put(("weights", worker.engine_weights()))
+            results.put(("weights", (worker.engine_weights(), worker.weight_load_path(),
+                                     worker.score_sequence_logprobs(PROMPT, COMPLETION))))
         worker.shutdown()
     except BaseException:
         results.put(("crashed", traceback.format_exc()))
 
 
 def _assert_same_weights(engine: dict[str, np.ndarray], model, actor: int) -> None:
-    expected = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    expected = {n: p.detach().float().numpy() for n, p in model.named_parameters()}  # bf16 widens exactly
     assert sorted(engine) == sorted(expected), f"actor {actor}: names differ"
     for name, tensor in expected.items():
         np.testing.assert_array_equal(engine[name], tensor, err_msg=f"actor {actor}: {name} differs")
 
 
-@pytest.mark.parametrize("cpu", ["native", "avx2"])
-def test_every_weight_of_every_actor_equals_the_learners(model_path, cpu, monkeypatch):
+@pytest.mark.parametrize(("cpu", "dtype", "load", "eager"), [
+    ("native", "float32", "auto", True), ("avx2", "float32", "auto", True), ("native", "bfloat16", "auto", True),
+    ("native", "float32", "reload", True), ("native", "float32", "auto", False),
+])
+def test_every_weight_of_every_actor_equals_the_learners(model_path, cpu, dtype, load, eager, monkeypatch):
     """Two actors in one group; after each sync (the first through shared memory, the second over
     the group) every engine weight, read back through the layers' own (prepacked) kernels, equals
-    the sender's in float32, exactly. `avx2`: the actors run as on an AVX2-only machine
+    the sender's, exactly. `avx2`: the actors run as on an AVX2-only machine
     (FLYWHEEL_EMULATE_CPU), on vLLM's AVX2 kernels and oneDNN's AVX2 packing, the other CPU kind's
-    code path whatever this machine is."""
+    code path whatever this machine is. `load`: "auto" applies updates in place
+    (actors/cpu_weights.py; in bf16 on an AMX machine the tiny model's layers are sgl-packed, elsewhere
+    oneDNN), "reload" through vLLM's layerwise reload. The small buckets split some fused layers'
+    parts across buckets, so both the joined and the in-bucket views are exercised. In float32 the
+    engine's logprobs of a fixed sequence also match transformers' on the sent weights, which
+    checks what the engine computes with: with `eager` False, its compiled graphs."""
+    from actors.cpu_weights import LOAD_ENV
     from flywheel.hardware import emulation_env
     from learner.weight_sync import WeightSender
 
     if cpu == "avx2":
         for key, value in emulation_env("avx2").items():
             monkeypatch.setenv(key, value)  # the spawned actors start with them, as Ray workers would
+    monkeypatch.setenv(LOAD_ENV, load)
     ctx = mp.get_context("spawn")
     world = 3
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(world - 1)]
-    procs = [ctx.Process(target=_actor_main, args=(model_path, k + 1, world, *links[k]), daemon=True)
+    procs = [ctx.Process(target=_actor_main, args=(model_path, k + 1, world, *links[k], dtype, eager), daemon=True)
              for k in range(world - 1)]
     for proc in procs:
         proc.start()
@@ -318,13 +331,13 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path, cpu, monkey
         sender.init_group("127.0.0.1", port, world_size=world, timeout_s=TIMEOUT_S)
         for commands, _ in links:
             commands.put(("read", None))
-        base = perturbed_model(model_path, 0)
+        base = perturbed_model(model_path, 0, dtype)
         for k, (_, results) in enumerate(links):
-            _assert_same_weights(_get(results, "weights"), base, k)  # the checkpoint, before any sync
+            _assert_same_weights(_get(results, "weights")[0], base, k)  # the checkpoint, before any sync
 
         for version, seed, transport in ((1, 5, "shm"), (2, 6, "broadcast")):
             sender.transport = transport
-            model = perturbed_model(model_path, seed)
+            model = perturbed_model(model_path, seed, dtype)
             named = list(model.named_parameters())
             meta = WeightSender.make_meta([(n, p.shape, p.dtype) for n, p in named], version, BUCKET_BYTES)
             for commands, _ in links:
@@ -332,11 +345,15 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path, cpu, monkey
             sender.send(((n, p.detach()) for n, p in named), meta)
             assert sender.transport_in_use == transport
             for k, (_, results) in enumerate(links):
-                weights = _get(results, "weights")
+                weights, path, logprobs = _get(results, "weights")
+                assert path == "in place" if load == "auto" else path == f"reload: {LOAD_ENV}=reload", path
                 _assert_same_weights(weights, model, k)
+                if dtype == "float32":
+                    np.testing.assert_allclose(logprobs, hf_logprobs(model, PROMPT, COMPLETION), atol=ATOL,
+                                               err_msg=f"actor {k}: the engine computes with other weights")
                 # The check can fail: the base model's weights no longer match.
                 assert not np.array_equal(weights["model.layers.0.self_attn.q_proj.weight"],
-                                          base.model.layers[0].self_attn.q_proj.weight.detach().numpy())
+                                          base.model.layers[0].self_attn.q_proj.weight.detach().float().numpy())
         for commands, _ in links:
             commands.put(("stop", None))
         for proc in procs:

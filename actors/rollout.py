@@ -81,6 +81,17 @@ def default_compile_cache_dir() -> str:
     return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(default_cache_root() / "torchinductor")
 
 
+def sampled_logprobs(flat, ids: np.ndarray) -> np.ndarray:
+    """The sampled tokens' logprobs (T,) float32 from vLLM's FlatLogprobs of a request
+    sampled with `logprobs=0`: one entry per position, the sampled token's."""
+    if list(flat.token_ids) != ids.tolist() or len(flat.start_indices) != len(ids):
+        raise RuntimeError(
+            f"vLLM's logprobs cover tokens {list(flat.token_ids)[:8]}..., the completion is "
+            f"{ids.tolist()[:8]}...: expected one sampled-token logprob per position"
+        )
+    return np.asarray(flat.logprobs, dtype=np.float32)
+
+
 class RolloutWorker:
     """One vLLM engine generating rollouts for the driver; weights versioned."""
 
@@ -245,6 +256,8 @@ class RolloutWorker:
                     min_tokens=min_new_tokens,
                     seed=None if seeds is None else int(seeds[i, j]),
                     logprobs=0,  # 0 extra candidates: just the sampled token's logprob
+                    # A few flat lists per request instead of a dict and a Logprob per token.
+                    flat_logprobs=True,
                     # Decoded once below: vLLM's incremental detokenizer drops a trailing
                     # partial UTF-8 character, so its text would not be decode(ids).
                     detokenize=False,
@@ -271,12 +284,7 @@ class RolloutWorker:
                 rollout.prompts.append(batch.prompts[i])
                 rollout.prompt_ids.append(np.asarray(batch.prompt_ids[i], dtype=np.int32))
                 rollout.completion_ids.append(ids)
-                rollout.logprobs.append(
-                    np.array(
-                        [step[int(t)].logprob for step, t in zip(completion.logprobs, ids)],
-                        dtype=np.float32,
-                    )
-                )
+                rollout.logprobs.append(sampled_logprobs(completion.logprobs, ids))
                 rollout.finish_reasons.append(completion.finish_reason)
         rollout.completions = self._tokenizer.batch_decode(
             [ids.tolist() for ids in rollout.completion_ids], skip_special_tokens=True

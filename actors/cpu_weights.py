@@ -21,8 +21,9 @@ Here each layer is updated where it lies:
   eager code and compiled graphs both use the new weights at their next call;
 - sgl: the packed tensor is overwritten in place; plain: the weight is copied;
 - embeddings (whose padded vocabulary rows stay as they are), norms and biases
-  are copied into their parameters; an lm_head that also keeps a packed copy
-  is repacked from its parameter.
+  are copied into their parameters; the lm_head, which also keeps a packed
+  copy, is repacked from its parameter (with tied embeddings, from the
+  embedding's, which it shares).
 
 `DirectCpuLoader.build` decides once per engine whether this applies: a Llama
 architecture (the only one whose weight loaders are plain copies that the tests
@@ -66,7 +67,7 @@ class _Target:
     weights: list[str]  # HF names of the weight's parts, in the fused layer's row order
     biases: list[str] = field(default_factory=list)  # HF names of the bias's parts, same order
     param: str = "weight"  # for "copy": the parameter written
-    repack: bool = False  # for "embedding": it is also the output layer, whose packed copy is rebuilt
+    heads: list = field(default_factory=list)  # for "embedding": output layers sharing its weight, repacked
     rows: list[int] = field(default_factory=list)  # output rows of each part
     pending: dict[str, torch.Tensor] = field(default_factory=dict)  # parts received this update
 
@@ -130,11 +131,13 @@ class DirectCpuLoader:
             elif path in modules and param in dict(modules[path].named_parameters(recurse=False)):
                 module = modules[path]
                 kind = "embedding" if isinstance(module, VocabParallelEmbedding) and param == "weight" else "copy"
-                # An embedding that is also the output layer keeps a packed copy for its GEMM.
-                repack = kind == "embedding" and module is getattr(model, "lm_head", None)
-                if repack and _linear_kind(module) not in ("onednn", "sgl", "plain"):
-                    return None, f"{path}: its CPU GEMM form is not one this loader knows"
-                targets[hf_name] = _Target(module, kind, [hf_name], param=param, repack=repack)
+                # The output layer keeps a packed copy of its weight for its GEMM; with tied
+                # embeddings it is another module holding the embedding's parameter.
+                heads = [m for m in (getattr(model, "lm_head", None),)
+                         if kind == "embedding" and getattr(m, "weight", None) is module.weight]
+                if any(_linear_kind(m) not in ("onednn", "sgl", "plain") for m in heads):
+                    return None, f"{path}: the output layer's CPU GEMM form is not one this loader knows"
+                targets[hf_name] = _Target(module, kind, [hf_name], param=param, heads=heads)
                 continue
             else:
                 return None, f"{hf_name}: no module of the vLLM model takes it by name"
@@ -206,9 +209,10 @@ class DirectCpuLoader:
         if target.kind == "embedding":
             t = parts[target.weights[0]]
             module.weight[: t.shape[0]].copy_(t)
-            kind = _linear_kind(module) if target.repack else None
-            if kind in ("onednn", "sgl"):
-                _repack(module, kind, module.weight)
+            for head in target.heads:
+                kind = _linear_kind(head)
+                if kind in ("onednn", "sgl"):
+                    _repack(head, kind, head.weight)
             return
         if target.biases:
             offset = 0

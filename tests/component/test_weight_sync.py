@@ -287,11 +287,31 @@ def _assert_same_weights(engine: dict[str, np.ndarray], model, actor: int) -> No
         np.testing.assert_array_equal(engine[name], tensor, err_msg=f"actor {actor}: {name} differs")
 
 
-@pytest.mark.parametrize(("cpu", "dtype", "load", "eager"), [
-    ("native", "float32", "auto", True), ("avx2", "float32", "auto", True), ("native", "bfloat16", "auto", True),
-    ("native", "float32", "reload", True), ("native", "float32", "auto", False),
+@pytest.fixture(scope="module")
+def tied_model_path(model_path, tmp_path_factory) -> str:
+    """The tiny policy with its lm_head tied to the embedding (as many small Llamas ship): the
+    checkpoint without `lm_head.weight`, so transformers and vLLM both tie it."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tied") / "policy"
+    shutil.copytree(model_path, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    weights = load_file(out / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return str(out)
+
+
+@pytest.mark.parametrize(("cpu", "dtype", "load", "eager", "tied"), [
+    ("native", "float32", "auto", True, False), ("avx2", "float32", "auto", True, False),
+    ("native", "bfloat16", "auto", True, False), ("native", "float32", "reload", True, False),
+    ("native", "float32", "auto", False, False), ("native", "float32", "auto", True, True),
 ])
-def test_every_weight_of_every_actor_equals_the_learners(model_path, cpu, dtype, load, eager, monkeypatch):
+def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, load, eager, tied, monkeypatch):
     """Two actors in one group; after each sync (the first through shared memory, the second over
     the group) every engine weight, read back through the layers' own (prepacked) kernels, equals
     the sender's, exactly. `avx2`: the actors run as on an AVX2-only machine
@@ -301,7 +321,8 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path, cpu, dtype,
     oneDNN), "reload" through vLLM's layerwise reload. The small buckets split some fused layers'
     parts across buckets, so both the joined and the in-bucket views are exercised. In float32 the
     engine's logprobs of a fixed sequence also match transformers' on the sent weights, which
-    checks what the engine computes with: with `eager` False, its compiled graphs."""
+    checks what the engine computes with: with `eager` False, its compiled graphs; with `tied`, the
+    output layer's packed copy of the embedding it shares (the read-back reads the parameter)."""
     from actors.cpu_weights import LOAD_ENV
     from flywheel.hardware import emulation_env
     from learner.weight_sync import WeightSender
@@ -310,6 +331,7 @@ def test_every_weight_of_every_actor_equals_the_learners(model_path, cpu, dtype,
         for key, value in emulation_env("avx2").items():
             monkeypatch.setenv(key, value)  # the spawned actors start with them, as Ray workers would
     monkeypatch.setenv(LOAD_ENV, load)
+    model_path = request.getfixturevalue("tied_model_path" if tied else "model_path")
     ctx = mp.get_context("spawn")
     world = 3
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(world - 1)]

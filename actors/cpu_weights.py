@@ -76,26 +76,24 @@ class _Target:
         return self.weights + self.biases
 
 
+def _closure_vars(fn) -> dict:
+    """The variables a function closes over, by name ({} for anything else)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    return dict(zip(code.co_freevars, (c.cell_contents for c in cells))) if code is not None else {}
+
+
 def _linear_kind(module: torch.nn.Module) -> str | None:
     """How vLLM's CPU backend holds this linear layer's weight, from its `cpu_linear` closure."""
     fn = getattr(module, "cpu_linear", None)
     if fn is torch.nn.functional.linear:
         return "plain" if module.weight.numel() else None
-    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
-    if code is None:
-        return None
-    free = dict(zip(code.co_freevars, (c.cell_contents for c in cells)))
+    free = _closure_vars(fn)
     handler = free.get("handler")
     if handler is not None and isinstance(getattr(handler, "handler_tensor", None), torch.Tensor):
         return "onednn"
     if isinstance(free.get("packed_weight"), torch.Tensor) and "N" in free:
         return "sgl"
     return None
-
-
-def _closure(module: torch.nn.Module, name: str):
-    fn = module.cpu_linear
-    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))[name]
 
 
 class DirectCpuLoader:
@@ -247,10 +245,10 @@ def _repack(module: torch.nn.Module, kind: str, weight: torch.Tensor) -> None:
     """Give `module`'s packed GEMM form the values of `weight` (N, K), keeping the objects its
     `cpu_linear` closure (and any compiled graph) holds."""
     if kind == "onednn":
-        handler = _closure(module, "handler")
+        handler = _closure_vars(module.cpu_linear)["handler"]
         fresh = torch.ops._C.create_onednn_mm_handler(weight.t(), ONEDNN_CACHE)
         old = int(handler.handler_tensor.item())
         handler.handler_tensor.fill_(fresh)
         torch.ops._C.release_dnnl_matmul_handler(old)
     else:  # sgl
-        _closure(module, "packed_weight").copy_(torch.ops._C.convert_weight_packed(weight))
+        _closure_vars(module.cpu_linear)["packed_weight"].copy_(torch.ops._C.convert_weight_packed(weight))

@@ -82,7 +82,9 @@ def timed_mode(name: str, root: Path, workload: list[str], staleness: int, warmu
     if not staleness:
         # Synchronous: the driver waits for all of generation; its idle time is what no phase covers.
         breakdown["idle"] = max(0.0, _mean(steps, "step_s") - sum(v for k, v in breakdown.items() if k != "idle"))
+    checks = [r["sync_check_s"] for r in steps if "sync_check_s" in r]  # the sync check's reads, not in a phase
     return {"step_s": _mean(steps, "step_s"), "steps_per_s": 1.0 / _mean(steps, "step_s"), "breakdown": breakdown,
+            "sync_check_s": statistics.mean(checks) if checks else None,
             "staleness": [r["staleness"] for r in steps], "steps_timed": len(steps)}
 
 

@@ -18,7 +18,10 @@ baseline (`broadcast`, `shm_speedup_over_broadcast`);
 into a preallocated buffer on the learner's threads; `repack_s` the median time of the CPU
 engine's own prepacking (oneDNN's blocked layout) of every linear weight, one layer after
 another, on an actor's threads, which any update of a running CPU engine pays
-(`sync_over_repack` beside `sync_over_memcpy`).  The actors load each update in place
+(`sync_over_repack` beside `sync_over_memcpy`); beside it, the same packing from weights already
+laid out [K, N] (`repack_from_kn_s`, a faster reorder in oneDNN) and the torch transposition that
+would make them (`transpose_s`): the two together, against `repack_s`, tell whether sending the
+weights transposed would pay.  The actors load each update in place
 (`actors/cpu_weights.py`, `load_path` "in place"); the same one-actor update through vLLM's
 layerwise reload is the baseline of that (`reload`, `in_place_speedup_over_reload`).  The
 actors also report where their time went: in the broadcasts (the receiving thread), in
@@ -188,36 +191,68 @@ def memcpy_seconds(model, repeats: int = 20) -> tuple[float, int, int]:
     return statistics.median(times), flat.numel(), params
 
 
-def repack_seconds(model, threads: int, repeats: int = 5) -> float | None:
-    """Median seconds of the CPU engine's own GEMM prepacking (vLLM's oneDNN `create_onednn_mm`) of
-    every linear weight, fused as the engine fuses them (q/k/v, gate/up), on `threads` threads as an
-    actor has: what any update of a running CPU engine costs at least, since the engine keeps only
-    the prepacked copies. None where vLLM's CPU ops have no oneDNN."""
+def _linear_weights(model) -> list:
+    """Every linear weight of the model as the CPU engine holds it ([N, K]), fused as the engine fuses
+    them (q/k/v, gate/up)."""
     import torch
-    from vllm import _custom_ops as ops
 
-    if not ops._supports_onednn:
-        return None
     weights = [model.lm_head.weight.detach()]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         weights += [torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
                     attn.o_proj.weight.detach(), torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
                     mlp.down_proj.weight.detach()]
+    return weights
+
+
+def _median_s(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def repack_seconds(model, threads: int, repeats: int = 5) -> dict | None:
+    """The CPU engine's own GEMM prepacking (vLLM's oneDNN `create_onednn_mm`) of every linear
+    weight, one layer after another, on `threads` threads as an actor has: what any update of a
+    running CPU engine costs at least, since the engine keeps only the prepacked copies. None where
+    vLLM's CPU ops have no oneDNN.
+
+    Median seconds of: `repack_s`, from the weights as they arrive ([N, K], which oneDNN reads as a
+    transposed [K, N]); `repack_from_kn_s`, the same packing from [K, N] copies made beforehand
+    (oneDNN's faster reorder for that layout); `transpose_s`, making those copies with torch."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from actors.cpu_weights import ONEDNN_CACHE
+
+    if not ops._supports_onednn:
+        return None
+    weights = _linear_weights(model)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        handlers = [ops.create_onednn_mm(w.t(), 32) for w in weights]  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for i, w in enumerate(weights):  # one layer at a time, as an update replaces them
-                handlers[i] = ops.create_onednn_mm(w.t(), 32)
-            times.append(time.perf_counter() - t0)
+        kn = [w.t().contiguous() for w in weights]
+        handlers = [ops.create_onednn_mm(w.t(), ONEDNN_CACHE) for w in weights]  # warm-up
+
+        def repack(sources):
+            for i, w in enumerate(sources):  # one layer at a time, as an update replaces them
+                handlers[i] = ops.create_onednn_mm(w, ONEDNN_CACHE)
+
+        def transpose():
+            for w, dst in zip(weights, kn):
+                dst.copy_(w.t())
+
+        repack(kn)  # warm-up of the other reorder
+        result = {"repack_s": _median_s(lambda: repack([w.t() for w in weights]), repeats),
+                  "repack_from_kn_s": _median_s(lambda: repack(kn), repeats),
+                  "transpose_s": _median_s(transpose, repeats)}
         del handlers
     finally:
         torch.set_num_threads(before)
-    return statistics.median(times)
+    return result
 
 
 def _get(results, expected: str):
@@ -262,15 +297,18 @@ def main() -> int:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype.dtype))
     memcpy_s, nbytes, params = memcpy_seconds(model)
-    repack_s = repack_seconds(model, actor_t)
+    repack = repack_seconds(model, actor_t) or {}
+    repack_s = repack.get("repack_s")
     del model
     report = {"benchmark": "weight_sync", "quick": args.quick, "model": args.model, "params": params,
               "bytes": nbytes, "dtype": dtype.dtype, "emulated_cpu": emulated, "bucket_mb": cfg.sync.bucket_mb,
               "memcpy_s": memcpy_s,
-              "repack_s": repack_s, "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}
+              **{k: repack.get(k) for k in ("repack_s", "repack_from_kn_s", "transpose_s")},
+              "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}
     if repack_s is not None:
         print(f"the engine's own GEMM prepacking of every linear weight: {repack_s:.4f} s "
-              f"({repack_s / memcpy_s:.1f}x the copy) on {actor_t} thread(s)")
+              f"({repack_s / memcpy_s:.1f}x the copy) on {actor_t} thread(s); from [K, N] copies "
+              f"{repack['repack_from_kn_s']:.4f} s, but making them takes {repack['transpose_s']:.4f} s")
     print(f"{'actors':>6} {'transport':>9} {'params':>12} {'bytes':>12} {'sync_s':>8} {'memcpy_s':>9} {'ratio':>7} "
           f"{'GB/s':>6}  actor phases (s)")
     report["broadcast"] = {}

@@ -243,8 +243,10 @@ class SyncProbe:
         only rounding, which in bf16 can pass 0.1 nats on a token the policy has made very unlikely
         (seen once in 60 GRPO steps: 0.27 where the update moved the probe by about 0.3-0.5).
         """
+        # The learner reads its logprobs while the actors read theirs (separate processes and cores).
+        learner = services.learner.start_sequence_logprobs(self.prompt_ids, self.completion_ids)
         actors = services.rollouts.sequence_logprobs(self.prompt_ids, self.completion_ids)
-        learner = services.learner.sequence_logprobs(self.prompt_ids, self.completion_ids)
+        learner = learner.result()
         errors = [float(np.abs(v - learner).max()) for v in actors]
         gaps_before = [float(np.abs(b - learner).max()) for b in before]
         failed = [i for i, (e, g) in enumerate(zip(errors, gaps_before))
@@ -360,10 +362,14 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
 
         def push(version: int) -> dict[str, float]:
             """The learner's weights to every actor (idle, so no sample mixes two versions), checked."""
+            t0 = time.perf_counter()
             before = probe.before(services) if probe else None
+            t1 = time.perf_counter()
             figures = {"sync_s": services.sync.push(version=version)}
             if probe:
+                t2 = time.perf_counter()
                 figures.update(probe.after(services, before))
+                figures["sync_check_s"] = (t1 - t0) + (time.perf_counter() - t2)  # the probe's reads
             if cfg.sync.verify_weights:
                 figures["sync_weights_verified"] = services.sync.verify()
             return figures

@@ -71,6 +71,17 @@ def wait(refs: list, timeout_s: float, what: str) -> list:
         raise RemoteCallError(f"{what} failed: an actor died ({exc.__class__.__name__}): {exc}") from None
 
 
+class Pending:
+    """Remote calls already started, collected later by `result` with `wait`'s deadline (counted from
+    the start) and errors; `pick` chooses from the ranks' answers."""
+
+    def __init__(self, refs: list, timeout_s: float, what: str, pick: Callable[[list], Any] = lambda r: r):
+        self._refs, self._deadline, self._what, self._pick = refs, time.monotonic() + timeout_s, what, pick
+
+    def result(self) -> Any:
+        return self._pick(wait(self._refs, max(0.0, self._deadline - time.monotonic()), self._what))
+
+
 def _node_ip_and_free_port() -> tuple[str, int]:
     ip = ray.util.get_node_ip_address()
     return ip, free_port("")
@@ -263,8 +274,13 @@ class LearnerGroup:
         return self._all("weight_digests", what="digesting the learner's weights")[0]
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> np.ndarray:
-        n = len(self.ranks)
-        return self._all("sequence_logprobs", [prompt_ids] * n, [completion_ids] * n)[0]
+        return self.start_sequence_logprobs(prompt_ids, completion_ids).result()
+
+    def start_sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> Pending:
+        """Start the policy's logprobs (C,) of the sequence on every rank (rank 0's is the answer), so
+        that the caller can wait on something else meanwhile."""
+        refs = [rank.sequence_logprobs.remote(prompt_ids, completion_ids) for rank in self.ranks]
+        return Pending(refs, self.cfg.run.step_timeout_s, "learner.sequence_logprobs", pick=lambda r: r[0])
 
     def save_hf(self, out_dir: str) -> str:
         return self._all("save_hf", [out_dir] * len(self.ranks), what="saving the final checkpoint")[0]

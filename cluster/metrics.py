@@ -121,7 +121,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-SUMMARY_KEYS = ("gen_s", "score_s", "train_s", "sync_s", "rollout_tokens", "rollout_tokens_per_s",
+SUMMARY_KEYS = ("gen_s", "score_s", "train_s", "sync_s", "sync_check_s", "rollout_tokens", "rollout_tokens_per_s",
                 "sync_logprob_err", "sync_logprob_shift", "sample_logprob_diff")
 
 

@@ -36,7 +36,8 @@ def test_nan_and_missing_scores_name_the_rows_and_the_service():
 
 def _services(actor_logprobs: list[list[float]], learner_logprobs: list[float]):
     rollouts = SimpleNamespace(sequence_logprobs=lambda p, c: [np.array(v, np.float32) for v in actor_logprobs])
-    learner = SimpleNamespace(sequence_logprobs=lambda p, c: np.array(learner_logprobs, np.float32))
+    answer = SimpleNamespace(result=lambda: np.array(learner_logprobs, np.float32))
+    learner = SimpleNamespace(start_sequence_logprobs=lambda p, c: answer)
     return SimpleNamespace(rollouts=rollouts, learner=learner)
 
 

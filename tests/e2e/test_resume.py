@@ -29,8 +29,8 @@ from tests.e2e.test_launch import CONFIG, REPO, _assert_no_leftovers, _launch, _
 SMALL = ["run.eval_prompts=8", "data.train_prompts=64", "data.prompts_per_step=8", "rollout.samples_per_prompt=2",
          "rollout.max_new_tokens=8", "learner.minibatch_size=8", "model.dtype=float32"]
 # Wall-clock figures: they differ between any two runs. Every other key must be equal.
-TIMING_KEYS = {"gen_s", "score_s", "sync_s", "train_s", "make_experience_s", "update_s", "rollout_tokens_per_s",
-               "actor_tokens_per_s", "rollout_samples_per_s", "gen_wait_s", "step_s"}
+TIMING_KEYS = {"gen_s", "score_s", "sync_s", "sync_check_s", "train_s", "make_experience_s", "update_s",
+               "rollout_tokens_per_s", "actor_tokens_per_s", "rollout_samples_per_s", "gen_wait_s", "step_s"}
 
 
 def _records(out: Path) -> list[dict]:

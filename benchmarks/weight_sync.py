@@ -19,9 +19,9 @@ into a preallocated buffer on the learner's threads; `repack_s` the median time 
 engine's own prepacking (oneDNN's blocked layout) of every linear weight, one layer after
 another, on an actor's threads, which any update of a running CPU engine pays
 (`sync_over_repack` beside `sync_over_memcpy`); beside it, the same packing from weights already
-laid out [K, N] (`repack_from_kn_s`, a faster reorder in oneDNN) and the torch transposition that
-would make them (`transpose_s`): the two together, against `repack_s`, tell whether sending the
-weights transposed would pay.  The actors load each update in place
+laid out [K, N] (`repack_from_kn_s`, another reorder in oneDNN, faster on some CPUs) and the
+torch transposition that would make them (`transpose_s`): the two together, against `repack_s`,
+tell whether sending the weights transposed would pay.  The actors load each update in place
 (`actors/cpu_weights.py`, `load_path` "in place"); the same one-actor update through vLLM's
 layerwise reload is the baseline of that (`reload`, `in_place_speedup_over_reload`).  The
 actors also report where their time went: in the broadcasts (the receiving thread), in
@@ -222,7 +222,7 @@ def repack_seconds(model, threads: int, repeats: int = 5) -> dict | None:
 
     Median seconds of: `repack_s`, from the weights as they arrive ([N, K], which oneDNN reads as a
     transposed [K, N]); `repack_from_kn_s`, the same packing from [K, N] copies made beforehand
-    (oneDNN's faster reorder for that layout); `transpose_s`, making those copies with torch."""
+    (oneDNN's other reorder, for that layout); `transpose_s`, making those copies with torch."""
     import torch
     from vllm import _custom_ops as ops
 

@@ -183,12 +183,7 @@ def memcpy_seconds(model, repeats: int = 20) -> tuple[float, int, int]:
     params = sum(p.numel() for p in model.parameters())
     dst = torch.empty_like(flat)
     dst.copy_(flat)  # fault the pages in
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(flat)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), flat.numel(), params
+    return _median_s(lambda: dst.copy_(flat), repeats), flat.numel(), params
 
 
 def _linear_weights(model) -> list:

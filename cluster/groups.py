@@ -254,9 +254,13 @@ class LearnerGroup:
         task = ray.remote(_node_ip_and_free_port).options(num_cpus=0, scheduling_strategy=self._rank0_strategy)
         return wait([task.remote()], 60, "finding a free port on the learner's node")[0]
 
-    def _all(self, method: str, *args_per_rank: list, timeout_s: float | None = None, what: str = "") -> list:
+    def _start(self, method: str, *args_per_rank: list, timeout_s: float | None = None, what: str = "",
+               pick: Callable[[list], Any] = lambda r: r) -> Pending:
         refs = [getattr(rank, method).remote(*(a[i] for a in args_per_rank)) for i, rank in enumerate(self.ranks)]
-        return wait(refs, timeout_s or self.cfg.run.step_timeout_s, what or f"learner.{method}")
+        return Pending(refs, timeout_s or self.cfg.run.step_timeout_s, what or f"learner.{method}", pick)
+
+    def _all(self, method: str, *args_per_rank: list, timeout_s: float | None = None, what: str = "") -> list:
+        return self._start(method, *args_per_rank, timeout_s=timeout_s, what=what).result()
 
     def make_experience(self, scored: ScoredRollout) -> ExperienceStats:
         """Every rank gets the whole step (one object in Ray's store) and computes its share."""
@@ -279,8 +283,8 @@ class LearnerGroup:
     def start_sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> Pending:
         """Start the policy's logprobs (C,) of the sequence on every rank (rank 0's is the answer), so
         that the caller can wait on something else meanwhile."""
-        refs = [rank.sequence_logprobs.remote(prompt_ids, completion_ids) for rank in self.ranks]
-        return Pending(refs, self.cfg.run.step_timeout_s, "learner.sequence_logprobs", pick=lambda r: r[0])
+        n = len(self.ranks)
+        return self._start("sequence_logprobs", [prompt_ids] * n, [completion_ids] * n, pick=lambda r: r[0])
 
     def save_hf(self, out_dir: str) -> str:
         return self._all("save_hf", [out_dir] * len(self.ranks), what="saving the final checkpoint")[0]

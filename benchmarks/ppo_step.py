@@ -16,7 +16,8 @@ on a cluster:
   reference forward), so generation is a small part of a step at 16 prompts x 4 samples x 64
   tokens (the GRPO run below shows it). Long completions of a few sequences decode at the rate
   memory streams the weights instead, as decoding does on GPUs, which is what makes generation
-  dominate in the field's reports: the default is 1 prompt x 1 sample x 384 tokens;
+  dominate in the field's reports: the default is 1 prompt x 4 samples x 384 tokens (1 x 1 until
+  the learner's updates got twice as fast on 2026-12-02: generation then took 0.74 of a step);
 - a GRPO run (16 prompts x 4 samples x 64 tokens, whatever the workload above) for its seconds
   per step;
 - with `--gold-seeds`, full-length runs of the default tiny PPO workload, synchronous and
@@ -175,7 +176,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12, help="steps per timed run")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the means")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per step")
-    parser.add_argument("--samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--tokens", type=int, default=384,
                         help="new tokens per sample (with few sequences, generation's share grows with it)")
     parser.add_argument("--gold-seeds", type=int, nargs="*", default=[], help="seeds of the gold-reward comparison")

@@ -411,6 +411,7 @@ def _run(cfg: FlywheelConfig) -> dict[str, Any]:
         if cfg.run.save_final and cfg.run.steps:
             summary["final_checkpoint"] = services.learner.save_hf(str((out_dir / "final").resolve()))
         summary["learner_peak_memory_gib"] = services.learner.peak_memory_gib()
+        summary["learner_allocator"] = services.learner.allocators()
     metrics.close()
     summary["total_s"] = time.perf_counter() - t_start
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

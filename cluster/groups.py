@@ -25,6 +25,7 @@ timeouts and dead actors into errors that say which call and what to do.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -34,6 +35,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import FlywheelConfig
+from flywheel.allocator import allocator_env
 from flywheel.net import free_port
 from flywheel.records import (
     ExperienceStats, PromptBatch, Rollout, SamplingSettings, ScoredRollout, TrainStats, WeightSyncMeta,
@@ -94,6 +96,15 @@ def _threads_env(num_threads: int | None) -> dict | None:
     may use every core while holding one Ray CPU.
     """
     return None if num_threads is None else {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}}
+
+
+def _learner_env(cfg: FlywheelConfig) -> dict | None:
+    """A learner rank's runtime_env: its threads (as `_threads_env`) and its allocator (`learner.allocator`)."""
+    env = dict((_threads_env(cfg.learner.num_threads) or {}).get("env_vars", {}))
+    allocator, why = allocator_env(cfg.learner.allocator, cfg.run.device, os.environ.get("LD_PRELOAD", ""))
+    log.info("learner ranks allocate memory with %s", why)
+    env.update(allocator)
+    return {"env_vars": env} if env else None
 
 
 def rollout_worker_kwargs(cfg: FlywheelConfig, model_path: str, dtype: str, i: int) -> dict[str, Any]:
@@ -225,12 +236,13 @@ class LearnerGroup:
         self._rank0_strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle)
         addr, port = self.address_and_free_port()
         remote_cls = ray.remote(LearnerWorker)
+        runtime_env = _learner_env(cfg)
         self.ranks = [
             remote_cls.options(
                 num_cpus=lc.num_cpus_per_rank,
                 num_gpus=1 if cfg.run.device == "cuda" else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i),
-                runtime_env=_threads_env(lc.num_threads),
+                runtime_env=runtime_env,
             ).remote(
                 LearnerSetup(
                     model_path=model_path, rank=i, world_size=lc.world_size, master_addr=addr, master_port=port,
@@ -293,6 +305,10 @@ class LearnerGroup:
         """Each rank's peak resident memory so far, in GiB, in rank order."""
         return wait([r.peak_memory_gib.remote() for r in self.ranks], 60, "reading the learner ranks' memory")
 
+    def allocators(self) -> list[str]:
+        """Each rank's memory allocator ("jemalloc" or "system"), in rank order."""
+        return wait([r.allocator.remote() for r in self.ranks], 60, "reading the learner ranks' allocator")
+
     def save_checkpoint(self, folder: str) -> dict[str, str]:
         """Every rank writes its share of a checkpoint into `folder`; what it holds, for the manifest."""
         return self._all("save_checkpoint", [folder] * len(self.ranks), what=f"writing a checkpoint to {folder}")[0]
@@ -333,6 +349,7 @@ class StageGroup:
         task = ray.remote(_node_ip_and_free_port).options(num_cpus=0, scheduling_strategy=strategy)
         self.master_addr, self.master_port = wait([task.remote()], 60, "finding a free port on the learner's node")[0]
         remote_cls = ray.remote(worker_cls)
+        runtime_env = _learner_env(cfg)
         self.ranks = []
         try:
             for i in range(lc.world_size):
@@ -341,7 +358,7 @@ class StageGroup:
                                      device=cfg.run.device, dtype=dtype, zero_stage=lc.zero_stage, seed=cfg.run.seed,
                                      dist_timeout_s=cfg.run.step_timeout_s)
                 self.ranks.append(remote_cls.options(
-                    num_cpus=lc.num_cpus_per_rank, num_gpus=gpu, runtime_env=_threads_env(lc.num_threads),
+                    num_cpus=lc.num_cpus_per_rank, num_gpus=gpu, runtime_env=runtime_env,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 ).remote(setup, **kwargs))
             if while_starting is not None:

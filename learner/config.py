@@ -19,6 +19,10 @@ class LearnerConfig:
     num_cpus_per_rank: float = setting(1.0, "Ray CPUs reserved per learner rank", gt=0)
     num_threads: int | None = setting(None, "torch threads per learner rank; null follows num_cpus_per_rank", min=1)
     zero_stage: int = setting(2, "DeepSpeed ZeRO stage", min=0, max=3)
+    allocator: Literal["auto", "jemalloc", "system"] = setting(
+        "auto", "memory allocator of the learner processes: jemalloc (Ray's) keeps the pages it frees, so each "
+        "training step reuses its buffers' pages instead of faulting them in again; auto is jemalloc on CPU runs "
+        "unless LD_PRELOAD is already set, system is the C library's (flywheel/allocator.py)")
     lr: float = setting(1e-4, "policy learning rate (AdamW)", gt=0)
     critic_lr: float = setting(2e-4, "critic learning rate (AdamW); with critic_trunk=shared, the value head's", gt=0)
     critic_trunk: Literal["separate", "shared"] = setting(

@@ -217,8 +217,11 @@ def make_engine(model: torch.nn.Module, setup: LearnerSetup, lr: float, weight_d
     for name, param in model.named_parameters():
         rate = next((r for p, r in (lr_by_prefix or {}).items() if name.startswith(p)), lr)
         groups.setdefault(rate, []).append(param)
+    # torch's fused AdamW (one kernel per parameter group) rather than its default loop of
+    # elementwise ops: on the ~80M model, one thread, a ZeRO-2 step took 0.41 s against 0.61 s
+    # (README, the learner's allocator and optimiser). It runs on CPU and CUDA alike.
     optimizer = torch.optim.AdamW([{"params": ps, "lr": r} for r, ps in groups.items()], lr=lr,
-                                  weight_decay=weight_decay)
+                                  weight_decay=weight_decay, fused=True)
     scheduler = None
     if schedule is not None and (schedule.kind != "constant" or schedule.warmup_steps):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)

@@ -371,6 +371,12 @@ class LearnerWorker:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
+    def allocator(self) -> str:
+        """The memory allocator this rank runs with ("jemalloc" or "system"; `learner.allocator`)."""
+        from flywheel.allocator import process_allocator
+
+        return process_allocator()
+
     def reference_model(self) -> str:
         return self.setup.ref_model_path or self.setup.model_path
 

@@ -105,6 +105,11 @@ def test_ppo_run_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dtype"] == resolve_dtype("auto", "cpu").dtype
     assert len(summary["learner_peak_memory_gib"]) == 2 and all(0.1 < m < 20 for m in summary["learner_peak_memory_gib"])
+    # learner.allocator=auto reaches each rank's process through Ray's runtime_env (LD_PRELOAD at its start).
+    from flywheel.allocator import allocator_env
+
+    expected = "jemalloc" if allocator_env("auto", "cpu", os.environ.get("LD_PRELOAD", ""))[0] else "system"
+    assert summary["learner_allocator"] == [expected, expected]
     # 15 held-out prompts split 8 / 7 over two actors, 2 samples each: none lost.
     assert summary["before"]["eval_prompts"] == 15 and summary["before"]["eval_samples"] == 30
     final = Path(summary["final_checkpoint"])

@@ -6,20 +6,29 @@ it, about 70x slower per matrix product than float32 and about 25x slower end to
 end on AVX2-only machines. `read_cpu_info` reads the facts from /proc;
 `resolve_dtype` turns `model.dtype` (auto, bfloat16, float32) into the dtype a
 run uses, with the reason and, when an explicit bfloat16 will be slow, a
-warning. `apply_cpu_emulation` (FLYWHEEL_EMULATE_CPU=avx2) runs a process on an
+warning.  Flags alone do not settle it where bf16 comes from AVX512-BF16 dot
+products without AMX tiles: there `gemm_rates` times one matrix product in
+each dtype, once per machine (kept under `$FLYWHEEL_CACHE`), and `auto` takes
+the faster. `apply_cpu_emulation` (FLYWHEEL_EMULATE_CPU=avx2) runs a process on an
 AVX2-only machine's code paths on any x86 CPU, so the other kind can be tested
 and measured wherever the work happens. Standard library only; torch is
-imported inside the functions that ask about CUDA or patch its CPU probes, so
-importing this module costs nothing.
+imported inside the functions that ask about CUDA, time matrix products or
+patch its CPU probes, so importing this module costs nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import platform
 import sys
-from dataclasses import dataclass, field
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
 
 DTYPE_SETTINGS = ("auto", "bfloat16", "float32")  # the values model.dtype accepts
 DEVICES = ("cpu", "cuda")  # the values run.device accepts
@@ -154,7 +163,115 @@ class DtypeChoice:
 
     dtype: str  # "bfloat16" or "float32"
     reason: str  # one sentence naming the CPU kind or the GPU
-    warning: str | None = None  # set only for an explicit bfloat16 on a CPU without native bf16
+    warning: str | None = None  # set only for an explicit bfloat16 that will run slower than float32
+
+
+# The matrix product `gemm_rates` times: an MLP projection of the ~80M embedded model over
+# 256 rows (M, K, N), large enough to run at the kernels' full rate in a few milliseconds.
+PROBE_SHAPE = (256, 768, 2048)
+PROBE_ROUNDS = 8  # timed products per dtype, alternating the dtypes; the fastest of each counts
+GEMM_CACHE_FILE = "gemm_rates.json"
+
+
+@dataclass(frozen=True)
+class GemmRates:
+    """Measured matrix-multiply rates of this machine in each dtype, in GFLOP/s."""
+
+    bfloat16: float
+    float32: float
+    threads: int
+    where: str = "measured now"  # or the cache file they were read from
+
+    @property
+    def bf16_over_fp32(self) -> float:
+        return self.bfloat16 / self.float32
+
+    def describe(self) -> str:
+        return (f"bf16 matrix products ran at {self.bf16_over_fp32:.2f}x float32's rate ({self.bfloat16:.0f} "
+                f"against {self.float32:.0f} GFLOP/s on {self.threads} thread(s), {self.where})")
+
+
+def measure_gemm_rates(threads: int | None = None, rounds: int = PROBE_ROUNDS) -> GemmRates:
+    """Time the `PROBE_SHAPE` product in float32 and bf16 on `threads` torch threads (default:
+    as many as this process may use, at most 2 for a stable figure); about 0.1-0.3 s."""
+    import torch
+
+    threads = threads or min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 2)
+    m, k, n = PROBE_SHAPE
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        operands = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.randn(m, k, generator=generator).to(dtype)
+            b = torch.randn(k, n, generator=generator).to(dtype)
+            for _ in range(2):  # warm-up: oneDNN builds its kernel at the first call
+                torch.matmul(a, b)
+            operands[dtype] = (a, b)
+        best = {dtype: math.inf for dtype in operands}
+        for _ in range(rounds):
+            for dtype, (a, b) in operands.items():
+                start = time.perf_counter()
+                torch.matmul(a, b)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    flop = 2 * m * k * n
+    return GemmRates(bfloat16=flop / best[torch.bfloat16] / 1e9, float32=flop / best[torch.float32] / 1e9,
+                     threads=threads)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FLYWHEEL_CACHE") or Path.home() / ".cache" / "flywheel")
+
+
+def _gemm_cache_key(cpu: CpuInfo) -> str:
+    """The machine and software a measurement holds for: CPU model, its flags, torch's version."""
+    try:
+        from importlib.metadata import version
+
+        torch_version = version("torch")
+    except Exception:  # no torch metadata: the key still tells machines apart
+        torch_version = "unknown"
+    flags = hashlib.blake2b(" ".join(sorted(cpu.flags)).encode(), digest_size=8).hexdigest()
+    return f"{cpu.model}|{flags}|torch {torch_version}"
+
+
+def gemm_rates(cpu: CpuInfo | None = None, cache_dir: str | os.PathLike | None = None,
+               measure: Callable[[], GemmRates] = measure_gemm_rates) -> GemmRates:
+    """This machine's `GemmRates`, measured at the first call on it and then read back, so
+    every run on one machine makes the same `auto` choice (a second timing under load could
+    differ). The file is `$FLYWHEEL_CACHE/gemm_rates.json`; delete it to measure again."""
+    cpu = cpu or read_cpu_info()
+    path = Path(cache_dir) if cache_dir is not None else _cache_root()
+    path = path / GEMM_CACHE_FILE
+    key = _gemm_cache_key(cpu)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, unreadable or half-written: measure
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict):
+        try:
+            entry = known[key]
+            return GemmRates(bfloat16=float(entry["bfloat16"]), float32=float(entry["float32"]),
+                             threads=int(entry["threads"]), where=f"measured once, kept in {path}")
+        except (KeyError, TypeError, ValueError):
+            pass  # a damaged entry: measure again
+    rates = measure()
+    entry = {k: v for k, v in asdict(rates).items() if k != "where"}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = known if isinstance(known, dict) else {}
+        known[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gemm_rates.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, indent=1)
+        os.replace(tmp, path)
+        where = f"measured now, kept in {path}"
+    except OSError as exc:  # a read-only home: the choice still stands, only this run knows it
+        where = f"measured now; not kept ({exc})"
+    return GemmRates(bfloat16=rates.bfloat16, float32=rates.float32, threads=rates.threads, where=where)
 
 
 def cuda_bf16_supported() -> bool:
@@ -181,14 +298,17 @@ def _cuda_name() -> str | None:
 
 
 def resolve_dtype(
-    requested: str, device: str, cpu: CpuInfo | None = None, cuda_bf16: bool | None = None
+    requested: str, device: str, cpu: CpuInfo | None = None, cuda_bf16: bool | None = None,
+    rates: Callable[[], GemmRates] | None = None,
 ) -> DtypeChoice:
     """Turn `model.dtype` into "bfloat16" or "float32" for `device` ("cpu" or "cuda").
 
-    auto: bfloat16 where the device computes it natively, float32 elsewhere.
-    An explicit dtype is kept; an explicit bfloat16 on a CPU without native bf16
-    comes with a warning that says why it is slow and what to set instead.
-    `cpu` defaults to this machine's; `cuda_bf16` defaults to asking torch.
+    auto: bfloat16 where the device computes it natively and, on a CPU without AMX
+    tiles, where its measured matrix products are at least as fast as float32's;
+    float32 elsewhere. An explicit dtype is kept; an explicit bfloat16 that will run
+    slower than float32 comes with a warning that says why and what to set instead.
+    `cpu` defaults to this machine's; `cuda_bf16` defaults to asking torch; `rates`
+    (asked only on an AVX512-BF16 CPU without AMX) defaults to `gemm_rates(cpu)`.
     """
     if requested not in DTYPE_SETTINGS:
         raise ValueError(f"model.dtype must be one of {', '.join(DTYPE_SETTINGS)}, got {requested!r}")
@@ -196,7 +316,8 @@ def resolve_dtype(
         raise ValueError(f"run.device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda":
         return _resolve_cuda(requested, cuda_bf16)
-    return _resolve_cpu(requested, cpu or read_cpu_info())
+    cpu = cpu or read_cpu_info()
+    return _resolve_cpu(requested, cpu, rates or (lambda: gemm_rates(cpu)))
 
 
 def _resolve_cuda(requested: str, cuda_bf16: bool | None) -> DtypeChoice:
@@ -214,9 +335,22 @@ def _resolve_cuda(requested: str, cuda_bf16: bool | None) -> DtypeChoice:
     return DtypeChoice(requested, f"model.dtype={requested} was set explicitly; {can}.")
 
 
-def _resolve_cpu(requested: str, cpu: CpuInfo) -> DtypeChoice:
-    """The choice on a CPU: bf16 only where it runs in hardware; warn when told to emulate it."""
+def _resolve_cpu(requested: str, cpu: CpuInfo, rates: Callable[[], GemmRates]) -> DtypeChoice:
+    """The choice on a CPU: bf16 only where it runs in hardware, and without AMX only where it
+    measured at least as fast as float32; warn when an explicit bf16 will be slower."""
     where = f"the CPU ({cpu.model}) is {cpu.kind}"
+    if cpu.native_bf16 and not cpu.has_amx:  # AVX512-BF16 dot products alone: as fast as FMAs on some cores, not others
+        measured = rates()
+        faster = measured.bf16_over_fp32 >= 1.0
+        if requested == "auto":
+            dtype = "bfloat16" if faster else "float32"
+            return DtypeChoice(dtype, f"auto chose {dtype}: {where}, and {measured.describe()}.")
+        warning = None
+        if requested == "bfloat16" and not faster:
+            warning = (f"model.dtype=bfloat16, but {where} and {measured.describe()}, so the run will be slower "
+                       "than in float32. Set model.dtype=auto or model.dtype=float32 unless you mean to test bf16 "
+                       "numerics.")
+        return DtypeChoice(requested, f"model.dtype={requested} was set explicitly; {where}.", warning)
     if requested == "auto":
         if cpu.native_bf16:
             return DtypeChoice("bfloat16", f"auto chose bfloat16: {where}, so bf16 runs in hardware.")

@@ -1,8 +1,11 @@
 """CPU capability from /proc/cpuinfo, and the dtype `model.dtype` resolves to.
 
-The three kinds seen on development machines: Intel with AMX, AMD EPYC with
+The four kinds seen on development machines: Intel with AMX, AMD EPYC with
 AVX512-BF16 but no AMX (bf16 matmul ~850 GFLOP/s on 2 threads against ~200 in
-fp32), and AMD EPYC with AVX2 only (bf16 ~70x slower than fp32).
+fp32), an Intel Xeon with AVX512-BF16 whose hypervisor hides AMX (bf16 ~135
+GFLOP/s against ~190 in fp32: slower), and AMD EPYC with AVX2 only (bf16 ~70x
+slower than fp32).  Where AVX512-BF16 comes without AMX, `auto` asks measured
+matrix-multiply rates; these tests hand it fixed ones.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.hardware import (EMULATE_ENV, actor_threads, apply_cpu_emulation, emulation_env, read_cpu_info,
-                               resolve_dtype)
+from flywheel.hardware import (EMULATE_ENV, GemmRates, actor_threads, apply_cpu_emulation, emulation_env,
+                               gemm_rates, measure_gemm_rates, read_cpu_info, resolve_dtype)
 
 # 24,600,000 kB total and 23,000,000 kB available, in bytes: x 1024.
 MEMINFO = "MemTotal:       24600000 kB\nMemFree:        20000000 kB\nMemAvailable:   23000000 kB\n"
@@ -57,6 +60,15 @@ def test_before_avx2_and_without_proc():
     assert read_cpu_info(EPYC_AVX2, "MemTotal:\n").memory_bytes == 0
 
 
+# bf16 against float32 matrix-multiply rates (GFLOP/s) as measured on the two AVX512-BF16 kinds without AMX.
+ZEN4_RATES = GemmRates(bfloat16=850.0, float32=200.0, threads=2)
+HIDDEN_AMX_RATES = GemmRates(bfloat16=135.0, float32=190.0, threads=2)
+
+
+def _not_asked() -> GemmRates:
+    raise AssertionError("the rates were asked for a kind whose flags settle the dtype")
+
+
 # (cpuinfo, model.dtype, chosen dtype, warned): only an explicit bf16 on the AVX2 kind warns.
 CASES = [
     (INTEL_AMX, "auto", "bfloat16", False), (INTEL_AMX, "bfloat16", "bfloat16", False),
@@ -71,10 +83,49 @@ CASES = [
 @pytest.mark.parametrize("text, requested, dtype, warned", CASES)
 def test_resolve_dtype_on_cpu(text, requested, dtype, warned):
     cpu = read_cpu_info(text, MEMINFO)
-    choice = resolve_dtype(requested, "cpu", cpu)
+    rates = (lambda: ZEN4_RATES) if text == EPYC_BF16 else _not_asked
+    choice = resolve_dtype(requested, "cpu", cpu, rates=rates)
     assert choice.dtype == dtype
     assert (choice.warning is not None) is warned
     assert cpu.kind in choice.reason and cpu.model in choice.reason and choice.reason.endswith(".")
+
+
+def test_avx512_bf16_without_amx_takes_the_faster_measured_dtype():
+    cpu = read_cpu_info(EPYC_BF16, MEMINFO)
+    fast = resolve_dtype("auto", "cpu", cpu, rates=lambda: ZEN4_RATES)
+    assert fast.dtype == "bfloat16" and "4.25x float32's rate (850 against 200 GFLOP/s on 2 thread(s)" in fast.reason
+    slow = resolve_dtype("auto", "cpu", cpu, rates=lambda: HIDDEN_AMX_RATES)
+    assert slow.dtype == "float32" and slow.warning is None
+    assert "0.71x float32's rate (135 against 190 GFLOP/s" in slow.reason and cpu.kind in slow.reason
+    explicit = resolve_dtype("bfloat16", "cpu", cpu, rates=lambda: HIDDEN_AMX_RATES)
+    assert explicit.dtype == "bfloat16"
+    assert "slower than in float32" in explicit.warning and "model.dtype=float32" in explicit.warning
+    assert resolve_dtype("float32", "cpu", cpu, rates=lambda: HIDDEN_AMX_RATES).warning is None
+
+
+def test_gemm_rates_are_measured_once_per_machine_and_kept(tmp_path):
+    cpu = read_cpu_info(EPYC_BF16, MEMINFO)
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return HIDDEN_AMX_RATES
+
+    first = gemm_rates(cpu, tmp_path, measure)
+    again = gemm_rates(cpu, tmp_path, measure)
+    assert len(calls) == 1 and (again.bfloat16, again.float32, again.threads) == (135.0, 190.0, 2)
+    assert "measured now" in first.where and "measured once" in again.where and str(tmp_path) in again.where
+    other = gemm_rates(read_cpu_info(INTEL_AMX, MEMINFO), tmp_path, measure)  # another machine: its own entry
+    assert len(calls) == 2 and "measured now" in other.where
+    (tmp_path / "gemm_rates.json").write_text("{not json")  # a damaged file is measured over, not fatal
+    assert gemm_rates(cpu, tmp_path, measure).float32 == 190.0 and len(calls) == 3
+
+
+def test_measure_gemm_rates_times_both_dtypes_on_this_machine():
+    pytest.importorskip("torch")
+    rates = measure_gemm_rates(threads=1, rounds=1)
+    assert rates.threads == 1 and rates.bfloat16 > 0 and rates.float32 > 0
+    assert rates.bf16_over_fp32 == rates.bfloat16 / rates.float32
 
 
 def test_explicit_bf16_warning_says_how_slow_and_what_to_set():

@@ -222,10 +222,6 @@ def measure_gemm_rates(threads: int | None = None, rounds: int = PROBE_ROUNDS) -
                      threads=threads)
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("FLYWHEEL_CACHE") or Path.home() / ".cache" / "flywheel")
-
-
 def _gemm_cache_key(cpu: CpuInfo) -> str:
     """The machine and software a measurement holds for: CPU model, its flags, torch's version."""
     try:
@@ -243,9 +239,10 @@ def gemm_rates(cpu: CpuInfo | None = None, cache_dir: str | os.PathLike | None =
     """This machine's `GemmRates`, measured at the first call on it and then read back, so
     every run on one machine makes the same `auto` choice (a second timing under load could
     differ). The file is `$FLYWHEEL_CACHE/gemm_rates.json`; delete it to measure again."""
+    from flywheel.tiny_model import default_cache_root  # light: its heavy imports are inside its functions
+
     cpu = cpu or read_cpu_info()
-    path = Path(cache_dir) if cache_dir is not None else _cache_root()
-    path = path / GEMM_CACHE_FILE
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_root()) / GEMM_CACHE_FILE
     key = _gemm_cache_key(cpu)
     try:
         known = json.loads(path.read_text())

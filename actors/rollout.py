@@ -81,6 +81,18 @@ def default_compile_cache_dir() -> str:
     return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(default_cache_root() / "torchinductor")
 
 
+def update_load_threads(configured: int | None, actors_on_node: int) -> int:
+    """Torch threads with which this actor applies a weight update: `configured`, or
+    (None) the cores it may run on divided among the rollout actors of its machine,
+    which all load at once, and never fewer than generation uses."""
+    if configured is not None:
+        return max(1, int(configured))
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, torch.get_num_threads(), cores // max(1, int(actors_on_node)))
+
+
 def sampled_logprobs(flat, ids: np.ndarray) -> np.ndarray:
     """The sampled tokens' logprobs (T,) float32 from vLLM's FlatLogprobs of a request
     sampled with `logprobs=0`: one entry per position, the sampled token's."""
@@ -356,9 +368,15 @@ class RolloutWorker:
         world_size: int,
         backend: str,
         timeout_s: float,
+        load_threads: int | None = None,
+        actors_on_node: int = 1,
     ) -> None:
         """Join the weight-transfer group as `rank` (1 + actor rank); blocks until
-        the learner (rank 0, `WeightSender.init_group`) and all actors join."""
+        the learner (rank 0, `WeightSender.init_group`) and all actors join.
+
+        `load_threads`: torch threads with which a CPU engine applies an update
+        (`sync.load_threads`); None shares this process's cores among the
+        `actors_on_node` rollout actors of its machine (`update_load_threads`)."""
         from actors.weight_receiver import expected_hf_weights
 
         if not 1 <= rank < world_size:
@@ -378,6 +396,7 @@ class RolloutWorker:
                     "world_size": int(world_size),
                     "backend": backend,
                     "timeout_s": float(timeout_s),
+                    "load_threads": update_load_threads(load_threads, actors_on_node),
                 }
             }
         )

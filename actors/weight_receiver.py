@@ -58,6 +58,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from flywheel.collectives import broadcast_from_0, max_all_ranks
+from flywheel.hardware import torch_threads
 from flywheel.records import WeightSpec, WeightSyncMeta
 from flywheel.shared_region import SharedRegion
 from flywheel.weight_buckets import HEADER_ABORT, HEADER_DATA, HEADER_MAP, HEADER_SHARED, plan_buckets, region_layout
@@ -79,6 +80,7 @@ class TorchDistInitInfo(WeightTransferInitInfo):
     world_size: int  # 1 + number of rollout actors
     backend: str = "gloo"  # "gloo" (CPU) or "nccl" (GPU)
     timeout_s: float = 300.0  # every collective of the group gives up after this
+    load_threads: int = 1  # CPU: torch threads while an update is applied (see `receive_weights`)
 
 
 @dataclass
@@ -132,6 +134,7 @@ class TorchDistWeightTransferEngine(
         self._region: SharedRegion | None = None  # the learner's, once it has shared one
         self._direct_plan: tuple[Any, str] | None = None  # decided at the first update
         self._direct = None  # the DirectCpuLoader of the update in progress, if it applies
+        self.load_threads = 1
 
     def init_transfer_engine(self, init_info: TorchDistInitInfo) -> None:
         from vllm.distributed.utils import stateless_init_torch_distributed_process_group
@@ -142,6 +145,7 @@ class TorchDistWeightTransferEngine(
                 f"{self.device}; use backend 'gloo' (weight_sync.backend)"
             )
         self.buffer_device = self.device if init_info.backend == "nccl" else torch.device("cpu")
+        self.load_threads = max(1, int(init_info.load_threads))
         self.pg = stateless_init_torch_distributed_process_group(
             init_info.master_address,
             init_info.master_port,
@@ -208,6 +212,12 @@ class TorchDistWeightTransferEngine(
         runs at most one bucket ahead.  Only the thread touches the group until
         it has finished; the ack comes after.
 
+        On CPU the loading runs on `load_threads` torch threads (init info),
+        restored afterwards: during an update the learner only waits for the
+        acks, so its cores are free, and oneDNN's repacking, nearly all of a
+        load, scales with them.  The driver gives each actor its node's
+        cores divided among the actors there (`sync.load_threads`).
+
         A load error does not stop the receiving: the remaining buckets are
         drained so the learner is not left blocking, and the ack tells it this
         actor failed.  On any failure the layerwise reload is finalised before
@@ -222,6 +232,19 @@ class TorchDistWeightTransferEngine(
         receiver = threading.Thread(target=self._receive_buckets, args=(buckets, arrivals),
                                     name="flywheel-weight-receive", daemon=True)
         receiver.start()
+        with torch_threads(self.load_threads if self.device.type == "cpu" else None):
+            load_error = self._load_arrivals(specs, buckets, arrivals, receiver)
+        receiver.join()
+        self._max_all_ranks(int(load_error is not None))
+        if load_error is not None:
+            self.finish_weight_update()
+            raise RuntimeError(
+                f"loading the received weights into vLLM failed: {load_error!r}"
+            ) from load_error
+
+    def _load_arrivals(self, specs, buckets, arrivals: queue.Queue, receiver: threading.Thread) -> BaseException | None:
+        """Load each bucket the receiver thread hands over until it ends; the first load
+        error (the rest is drained, see `receive_weights`), or None."""
         load_error: BaseException | None = None
         while True:
             kind, item = arrivals.get()
@@ -249,13 +272,7 @@ class TorchDistWeightTransferEngine(
                     self._load(weights)
                 except Exception as exc:  # reported after draining, see docstring
                     load_error = exc
-        receiver.join()
-        self._max_all_ranks(int(load_error is not None))
-        if load_error is not None:
-            self.finish_weight_update()
-            raise RuntimeError(
-                f"loading the received weights into vLLM failed: {load_error!r}"
-            ) from load_error
+        return load_error
 
     def _receive_buckets(self, buckets: list, arrivals: queue.Queue) -> None:
         """The helper thread of `receive_weights`: each bucket's header and payload,

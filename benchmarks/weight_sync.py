@@ -27,6 +27,10 @@ layerwise reload is the baseline of that (`reload`, `in_place_speedup_over_reloa
 actors also report where their time went: in the broadcasts (the receiving thread), in
 loading (`load`: which repacks each completed layer's CPU GEMM weights), and in the
 update's start and finish; the first two overlap, so they add up to more than `receive`.
+Each actor loads on `sync.load_threads` threads (by default the machine's cores divided among
+the actors, as in a run, since the learner only waits meanwhile); where that is more than one,
+the same one-actor update loaded on one thread is the baseline (`one_load_thread`,
+`load_threads_speedup_over_one`).
 
     python benchmarks/weight_sync.py --json benchmarks/results/weight_sync.json
     python benchmarks/weight_sync.py --quick --json /tmp/weight_sync_quick.json   # tiny model, one repeat
@@ -46,13 +50,19 @@ import traceback
 
 from common import add_emulation_option, begin_emulation, load_average, write_result
 
-from flywheel.hardware import actor_threads
+from flywheel.hardware import actor_threads, torch_threads
 
 CONFIG = "configs/local_tiny_ppo.yaml"
 TIMEOUT_S = 600.0
 
 
-def _actor_main(kwargs: dict, rank: int, world: int, commands, results, load: str) -> None:
+def _engine_load_threads(worker) -> int:
+    """Run through `LLM.collective_rpc`: the torch threads the engine applies updates with."""
+    return worker.weight_transfer_engine.load_threads
+
+
+def _actor_main(kwargs: dict, rank: int, world: int, commands, results, load: str,
+                load_threads: int | None) -> None:
     """One rollout actor in its own process: join the group, receive updates on command."""
     try:
         from actors.cpu_weights import LOAD_ENV
@@ -65,8 +75,8 @@ def _actor_main(kwargs: dict, rank: int, world: int, commands, results, load: st
         results.put(("started", None))  # the group forms once every engine is up, as the driver does
         _, port = commands.get(timeout=TIMEOUT_S)
         worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world, backend="gloo",
-                                    timeout_s=TIMEOUT_S)
-        results.put(("ready", None))
+                                    timeout_s=TIMEOUT_S, load_threads=load_threads, actors_on_node=world - 1)
+        results.put(("ready", worker._llm.collective_rpc(_engine_load_threads)[0]))
         while True:
             cmd, meta = commands.get(timeout=TIMEOUT_S)
             if cmd == "stop":
@@ -105,10 +115,11 @@ def _time_receive_phases(worker) -> None:
             setattr(engine, name, wrapped)
 
 
-def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: str, load: str = "auto") -> dict:
+def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: str, load: str = "auto",
+              load_threads: int | None = None) -> dict:
     """Median seconds of one update into `actors` running actors over `transport`, loaded by `load`
-    (actors.cpu_weights.LOAD_ENV: "auto", in place where it applies, or "reload", vLLM's reload),
-    and their breakdown."""
+    (actors.cpu_weights.LOAD_ENV: "auto", in place where it applies, or "reload", vLLM's reload)
+    on `load_threads` threads each (None: as `sync.load_threads` says), and their breakdown."""
     import torch
 
     from cluster.groups import rollout_worker_kwargs
@@ -122,7 +133,8 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: st
     world = 1 + actors
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(actors)]
     procs = [ctx.Process(target=_actor_main, daemon=True,
-                         args=(rollout_worker_kwargs(cfg, model_path, dtype, k), k + 1, world, *links[k], load))
+                         args=(rollout_worker_kwargs(cfg, model_path, dtype, k), k + 1, world, *links[k], load,
+                               load_threads or cfg.sync.load_threads))
              for k in range(actors)]
     for proc in procs:
         proc.start()
@@ -134,8 +146,7 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: st
         for commands, _ in links:
             commands.put(("join", port))
         sender.init_group("127.0.0.1", port, world_size=world, timeout_s=TIMEOUT_S)
-        for _, results in links:
-            _get(results, "ready")
+        threads = [_get(results, "ready") for _, results in links]
         walls, sends, phases = [], [], []
         bucket_bytes = int(cfg.sync.bucket_mb * 2**20)
         for version in range(1, 2 + args.repeats):  # the first is a warm-up
@@ -162,7 +173,8 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: st
                 proc.kill()
                 proc.join(timeout=10)
     keys = sorted(k for k in phases[0][0] if k.endswith("_s"))
-    return {"transport": used, "load_path": phases[0][0]["load_path"], "sync_s": statistics.median(walls),
+    return {"transport": used, "load_path": phases[0][0]["load_path"], "load_threads": threads[0],
+            "sync_s": statistics.median(walls),
             "sync_s_all": walls,
             "sender_s": statistics.median(sends),
             "actor_phases_s": {k: statistics.median(p[0][k] for p in phases) for k in keys},
@@ -226,9 +238,7 @@ def repack_seconds(model, threads: int, repeats: int = 5) -> dict | None:
     if not ops._supports_onednn:
         return None
     weights = _linear_weights(model)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         kn = [w.t().contiguous() for w in weights]
         handlers = [ops.create_onednn_mm(w.t(), ONEDNN_CACHE) for w in weights]  # warm-up
 
@@ -245,8 +255,6 @@ def repack_seconds(model, threads: int, repeats: int = 5) -> dict | None:
                   "repack_from_kn_s": _median_s(lambda: repack(kn), repeats),
                   "transpose_s": _median_s(transpose, repeats)}
         del handlers
-    finally:
-        torch.set_num_threads(before)
     return result
 
 
@@ -305,7 +313,7 @@ def main() -> int:
               f"({repack_s / memcpy_s:.1f}x the copy) on {actor_t} thread(s); from [K, N] copies "
               f"{repack['repack_from_kn_s']:.4f} s, but making them takes {repack['transpose_s']:.4f} s")
     print(f"{'actors':>6} {'transport':>9} {'params':>12} {'bytes':>12} {'sync_s':>8} {'memcpy_s':>9} {'ratio':>7} "
-          f"{'GB/s':>6}  actor phases (s)")
+          f"{'GB/s':>6} {'thr':>3}  actor phases (s)")
     report["broadcast"] = {}
     for n in (int(a) for a in args.actors.split(",")):
         for transport, where in ((cfg.sync.transport, report["actors"]), ("broadcast", report["broadcast"])):
@@ -316,9 +324,20 @@ def main() -> int:
             where[str(n)] = r
             phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
             print(f"{n:>6} {r['transport']:>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
-                  f"{r['sync_over_memcpy']:>7.1f} {r['gb_per_s']:>6.2f}  {phases}")
+                  f"{r['sync_over_memcpy']:>7.1f} {r['gb_per_s']:>6.2f} {r['load_threads']:>3}  {phases}")
         report["actors"][str(n)]["shm_speedup_over_broadcast"] = (report["broadcast"][str(n)]["sync_s"]
                                                                   / report["actors"][str(n)]["sync_s"])
+    one = report["actors"].get("1")
+    if one is not None and one["load_threads"] > 1:
+        # The baseline for loading on more threads: the same one-actor update on generation's one thread.
+        r = sync_into(args, cfg, path, dtype.dtype, 1, cfg.sync.transport, load_threads=1)
+        r.update(sync_over_memcpy=r["sync_s"] / memcpy_s)
+        report["one_load_thread"] = {"1": r}
+        one["load_threads_speedup_over_one"] = r["sync_s"] / one["sync_s"]
+        phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
+        print(f"{1:>6} {r['transport'] + '+':>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
+              f"{r['sync_over_memcpy']:>7.1f} {nbytes / r['sync_s'] / 1e9:>6.2f} {r['load_threads']:>3}  {phases}")
+        print(f"+ the same update loaded on 1 thread instead of {one['load_threads']} (sync.load_threads)")
     if "1" in report["actors"] and report["actors"]["1"]["load_path"] == "in place":
         # The baseline for loading in place: the same update through vLLM's layerwise reload.
         r = sync_into(args, cfg, path, dtype.dtype, 1, cfg.sync.transport, load="reload")
@@ -327,11 +346,12 @@ def main() -> int:
         report["actors"]["1"]["in_place_speedup_over_reload"] = r["sync_s"] / report["actors"]["1"]["sync_s"]
         phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
         print(f"{1:>6} {r['transport'] + '*':>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
-              f"{r['sync_over_memcpy']:>7.1f} {nbytes / r['sync_s'] / 1e9:>6.2f}  {phases}")
+              f"{r['sync_over_memcpy']:>7.1f} {nbytes / r['sync_s'] / 1e9:>6.2f} {r['load_threads']:>3}  {phases}")
         print("* the same update through vLLM's layerwise reload instead of in place (actors/cpu_weights.py)")
     report.update({k: report["actors"]["1"].get(k) for k in ("transport", "load_path", "sync_s", "sync_over_memcpy",
                                                               "gb_per_s", "sync_over_repack", "shm_speedup_over_broadcast",
-                                                              "in_place_speedup_over_reload")}
+                                                              "in_place_speedup_over_reload", "load_threads",
+                                                              "load_threads_speedup_over_one")}
                   if "1" in report["actors"] else {})
     report["load_average"] = {"start": load_start, "end": load_average("at the end")}
     write_result(args.json, report)

@@ -46,7 +46,7 @@ MAY_DIFFER = frozenset({
     "rollout.start_timeout_s", "rollout.kv_cache_gib", "rollout.gpu_memory_utilization",
     "rollout.num_cpus_per_actor", "rollout.num_threads", "learner.num_cpus_per_rank", "learner.num_threads",
     "reward.port", "reward.timeout_s", "reward.start_timeout_s", "reward.batch_size",
-    "sync.timeout_s", "sync.bucket_mb", "sync.check_tolerance", "sync.probe_tokens", "ray.address", "ray.num_cpus",
+    "sync.timeout_s", "sync.bucket_mb", "sync.load_threads", "sync.check_tolerance", "sync.probe_tokens", "ray.address", "ray.num_cpus",
 })
 
 

@@ -131,6 +131,10 @@ class SyncConfig:
         "back to broadcast when an actor runs on another machine or the memory cannot be had (nccl: broadcast)")
     bucket_mb: float = setting(64.0, "largest broadcast in MiB (tensors are packed into buckets)", gt=0)
     timeout_s: float = setting(120.0, "deadline for one weight broadcast", gt=0)
+    load_threads: int | None = setting(
+        None, "torch threads with which each CPU rollout actor applies an update (oneDNN repacks every linear "
+        "layer, most of a sync); the learner only waits meanwhile, so null gives each actor its machine's cores "
+        "divided among the rollout actors there; 1 loads on generation's threads", min=1)
     check_tolerance: float | None = setting(
         None, "largest |vLLM - learner| logprob of the probe sequence after a sync before the run stops; "
         "null: 0.1 in bfloat16 (different kernels round differently), 0.002 in float32", gt=0)

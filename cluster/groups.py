@@ -149,6 +149,16 @@ class RolloutGroup:
         """Block until every actor's engine is up (the constructor only starts them)."""
         wait(self._started, self.cfg.rollout.start_timeout_s, "starting the rollout actors' vLLM engines")
 
+    def actors_sharing_node(self) -> list[int]:
+        """For each actor, how many of the rollout actors run on its machine (its own bundle's node);
+        all of them if the placement group cannot say."""
+        n = len(self.actors)
+        nodes = ray.util.placement_group_table(self.pg).get("bundles_to_node_id") or {}
+        owners = [nodes.get(self.first_bundle + i) for i in range(n)]
+        if None in owners:
+            return [n] * n
+        return [owners.count(node) for node in owners]
+
     def _new_actor(self, i: int):
         from actors.rollout import RolloutWorker
 
@@ -428,7 +438,9 @@ class WeightSync:
         backend, timeout = self.cfg.sync_backend, self.cfg.sync.timeout_s
         refs = [self.learner.ranks[0].init_weight_transfer.remote(addr, port, world, backend, timeout,
                                                                  self.cfg.sync.transport)]
-        refs += [a.init_weight_transfer.remote(addr, port, k + 1, world, backend, timeout)
+        sharing = self.rollouts.actors_sharing_node()
+        refs += [a.init_weight_transfer.remote(addr, port, k + 1, world, backend, timeout,
+                                               self.cfg.sync.load_threads, sharing[self.rollouts.actors.index(a)])
                  for k, a in enumerate(actors)]
         wait(refs, timeout + 30, f"joining the weight-transfer group ({backend}, {world} processes)")
 

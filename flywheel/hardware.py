@@ -18,6 +18,7 @@ patch its CPU probes, so importing this module costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -191,6 +192,25 @@ class GemmRates:
                 f"against {self.float32:.0f} GFLOP/s on {self.threads} thread(s), {self.where})")
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the block on `threads` torch intra-op threads (None: as they are), then restore them.
+
+    Sets them through `torch._C.set_num_threads`: vLLM's CPU worker replaces
+    `torch.set_num_threads` with a no-op in its process."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch._C.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(before)
+
+
 def measure_gemm_rates(threads: int | None = None, rounds: int = PROBE_ROUNDS) -> GemmRates:
     """Time the `PROBE_SHAPE` product in float32 and bf16 on `threads` torch threads (default:
     as many as this process may use, at most 2 for a stable figure); about 0.1-0.3 s."""
@@ -198,9 +218,7 @@ def measure_gemm_rates(threads: int | None = None, rounds: int = PROBE_ROUNDS) -
 
     threads = threads or min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 2)
     m, k, n = PROBE_SHAPE
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         generator = torch.Generator().manual_seed(0)
         operands = {}
         for dtype in (torch.float32, torch.bfloat16):
@@ -215,8 +233,6 @@ def measure_gemm_rates(threads: int | None = None, rounds: int = PROBE_ROUNDS) -
                 start = time.perf_counter()
                 torch.matmul(a, b)
                 best[dtype] = min(best[dtype], time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
     flop = 2 * m * k * n
     return GemmRates(bfloat16=flop / best[torch.bfloat16] / 1e9, float32=flop / best[torch.float32] / 1e9,
                      threads=threads)

@@ -51,6 +51,7 @@ from torch.distributed import PrefixStore, ProcessGroup
 from torch.distributed.rendezvous import rendezvous
 
 from flywheel.collectives import broadcast_from_0, group_device, max_all_ranks
+from flywheel.hardware import torch_threads
 from flywheel.records import WeightSpec, WeightSyncMeta
 from flywheel.shared_region import SharedRegion
 from flywheel.weight_buckets import (
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TRANSPORTS = ("auto", "shm", "broadcast")
+# Torch threads that pack buckets into the shared region (see `WeightSender.send`).
+PACK_THREADS_SHARED = 1
 
 
 def tcp_uri(host: str, port: int) -> str:
@@ -250,7 +253,11 @@ class WeightSender:
             self._drop_region()
         for bucket, offset in zip(buckets, offsets):
             into = None if region is None else region.tensor[offset : offset + bucket.nbytes]
-            payload = _or_abort(pg, header, tensors, lambda: self._pack(bucket, tensors, meta.specs, into))
+            # Into shared memory, the actors on this machine load bucket k (repacking it, several
+            # times a copy's work, on their `sync.load_threads`) while bucket k+1 is packed: one
+            # thread packs, so the copy does not take their cores.
+            with torch_threads(PACK_THREADS_SHARED if region is not None else None):
+                payload = _or_abort(pg, header, tensors, lambda: self._pack(bucket, tensors, meta.specs, into))
             header.copy_(torch.tensor([HEADER_DATA if region is None else HEADER_SHARED, bucket.nbytes]))
             broadcast_from_0(pg, header, self.device)
             if region is None:

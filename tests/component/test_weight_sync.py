@@ -152,15 +152,25 @@ def _greedy(worker, prompt: list[int]):
     return r.completion_ids[0].tolist(), r.logprobs[0]
 
 
+def _engine_load_threads(worker) -> int:
+    return worker.weight_transfer_engine.load_threads
+
+
 def test_updates_reach_the_running_engine(linked, model_path):
+    from actors.rollout import update_load_threads
+
     worker = linked[0]
     assert worker.policy_version == 0
     before = worker.score_sequence_logprobs(PROMPT, COMPLETION)
     np.testing.assert_allclose(before, hf_logprobs(perturbed_model(model_path, 0), PROMPT, COMPLETION), atol=ATOL)
     _greedy(worker, LONG_PROMPT)  # fills the prefix cache with the old weights' KV
 
+    threads = torch.get_num_threads()
     meta, version, transport = _update(linked, seed=1)
     assert version == 1 == worker.policy_version
+    # It loaded on the default's threads (this process is the only actor) and gave them back after.
+    assert worker._llm.collective_rpc(_engine_load_threads)[0] == update_load_threads(None, 1)
+    assert torch.get_num_threads() == threads
     assert transport == "shm"  # sender and actor share a machine: the buckets go through shared memory
     sizes = [len(b.slots) for b in plan_buckets(meta.specs, meta.bucket_bytes)]
     assert max(sizes) > 1 and 1 in sizes and len(sizes) > 3, sizes
@@ -253,7 +263,7 @@ def test_an_actor_that_cannot_map_the_learners_memory_gets_the_weights_over_the_
 
 
 def _actor_main(model_path: str, rank: int, world_size: int, commands, results, dtype: str = "float32",
-                eager: bool = True) -> None:
+                eager: bool = True, load_threads: int | None = None) -> None:
     """A rollout actor in its own process (as under Ray): joins the group, then serves commands."""
     try:
         from actors.rollout import RolloutWorker
@@ -266,7 +276,7 @@ def _actor_main(model_path: str, rank: int, world_size: int, commands, results, 
         results.put(("started", facts))  # the group forms once every engine is up, as the driver does
         _, port = commands.get(timeout=START_TIMEOUT_S)
         worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world_size, backend="gloo",
-                                    timeout_s=TIMEOUT_S)
+                                    timeout_s=TIMEOUT_S, load_threads=load_threads, actors_on_node=world_size - 1)
         while True:
             cmd, meta = commands.get(timeout=5 * TIMEOUT_S)
             if cmd == "stop":
@@ -306,12 +316,13 @@ def tied_model_path(model_path, tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.mark.parametrize(("cpu", "dtype", "load", "eager", "tied"), [
-    ("native", "float32", "auto", True, False), ("avx2", "float32", "auto", True, False),
-    ("native", "bfloat16", "auto", True, False), ("native", "float32", "reload", True, False),
-    ("native", "float32", "auto", False, False), ("native", "float32", "auto", True, True),
+@pytest.mark.parametrize(("cpu", "dtype", "load", "eager", "tied", "threads"), [
+    ("native", "float32", "auto", True, False, 2), ("avx2", "float32", "auto", True, False, None),
+    ("native", "bfloat16", "auto", True, False, 2), ("native", "float32", "reload", True, False, None),
+    ("native", "float32", "auto", False, False, None), ("native", "float32", "auto", True, True, None),
 ])
-def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, load, eager, tied, monkeypatch):
+def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, load, eager, tied, threads,
+                                                          monkeypatch):
     """Two actors in one group; after each sync (the first through shared memory, the second over
     the group) every engine weight, read back through the layers' own (prepacked) kernels, equals
     the sender's, exactly. `avx2`: the actors run as on an AVX2-only machine
@@ -322,7 +333,9 @@ def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, lo
     parts across buckets, so both the joined and the in-bucket views are exercised. In float32 the
     engine's logprobs of a fixed sequence also match transformers' on the sent weights, which
     checks what the engine computes with: with `eager` False, its compiled graphs; with `tied`, the
-    output layer's packed copy of the embedding it shares (the read-back reads the parameter)."""
+    output layer's packed copy of the embedding it shares (the read-back reads the parameter).
+    `threads`: each actor loads on that many threads (`sync.load_threads`; None: the default, the
+    machine's cores shared between the two actors), so the repacking is exact on several threads."""
     from actors.cpu_weights import LOAD_ENV
     from flywheel.hardware import emulation_env
     from learner.weight_sync import WeightSender
@@ -335,7 +348,8 @@ def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, lo
     ctx = mp.get_context("spawn")
     world = 3
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(world - 1)]
-    procs = [ctx.Process(target=_actor_main, args=(model_path, k + 1, world, *links[k], dtype, eager), daemon=True)
+    procs = [ctx.Process(target=_actor_main, args=(model_path, k + 1, world, *links[k], dtype, eager, threads),
+                         daemon=True)
              for k in range(world - 1)]
     for proc in procs:
         proc.start()

@@ -16,8 +16,14 @@ on a cluster:
   reference forward), so generation is a small part of a step at 16 prompts x 4 samples x 64
   tokens (the GRPO run below shows it). Long completions of a few sequences decode at the rate
   memory streams the weights instead, as decoding does on GPUs, which is what makes generation
-  dominate in the field's reports: the default is 1 prompt x 4 samples x 384 tokens (1 x 1 until
-  the learner's updates got twice as fast on 2026-12-02: generation then took 0.74 of a step);
+  dominate in the field's reports: 1 prompt x 384 tokens, with the samples per prompt chosen by a
+  probe (below) unless `--samples` gives them;
+- the probe: short synchronous runs at 1 and at 4 samples per prompt. Generation's seconds and the
+  rest's each grow about linearly with the samples (the rest much faster: every sample is trained
+  on, while decoding a few more sequences costs little more than one); a line through each pair
+  predicts the share at 1..8 samples, and the count predicted nearest 0.5 is timed. One fixed
+  count cannot do it on every CPU kind: on 2026-12-03 four samples gave generation 0.56 of a step
+  on Intel with AMX but 0.34 on the AMD machine with AVX512-BF16, where one sample gave 0.44;
 - a GRPO run (16 prompts x 4 samples x 64 tokens, whatever the workload above) for its seconds
   per step;
 - with `--gold-seeds`, full-length runs of the default tiny PPO workload, synchronous and
@@ -28,8 +34,9 @@ on a cluster:
 
 Keys: `sync_steps_per_s`, `async_steps_per_s`, `async_speedup`, `overlap_bound` (the synchronous
 step time over the larger of its generation and non-generation parts: the most that perfect
-overlap could give), `generation_share`, `breakdown` (mean seconds per phase of each mode), and
-`grpo_s_per_step`. Prints a table and writes JSON with the machine report. Run it on a quiet
+overlap could give), `generation_share`, `breakdown` (mean seconds per phase of each mode),
+`grpo_s_per_step`, and `samples_choice` (how the samples per prompt were chosen: the probes and the
+predicted share). Prints a table and writes JSON with the machine report. Run it on a quiet
 machine: everything here is timed.
 """
 
@@ -61,6 +68,10 @@ GRPO_TIMED_STEPS = 3  # about 45 s each on the ~80M model with one core
 # times the same workload.
 STEADY = ["learner.ppo_epochs=1", "learner.lr=1e-6", "learner.critic_lr=1e-6"]
 MAX_MODEL_LEN = 512  # the embedded models' positions: room for the longest completions asked for
+PROBE_SAMPLES = (1, 4)  # the samples per prompt of the two probe runs
+PROBE_STEPS, PROBE_WARMUP = 3, 1  # steps of each probe run, and how many of them are left out
+MAX_SAMPLES = 8  # the most samples per prompt the probe may choose
+WANTED_SHARE = 0.5  # generation's share of a synchronous step the probe aims at (the issue asks 0.4-0.6)
 
 
 def _steps(out_dir: Path, warmup: int) -> list[dict]:
@@ -87,6 +98,40 @@ def timed_mode(name: str, root: Path, workload: list[str], staleness: int, warmu
     return {"step_s": _mean(steps, "step_s"), "steps_per_s": 1.0 / _mean(steps, "step_s"), "breakdown": breakdown,
             "sync_check_s": statistics.mean(checks) if checks else None,
             "staleness": [r["staleness"] for r in steps], "steps_timed": len(steps)}
+
+
+def choose_samples(probes: list[dict]) -> tuple[int, float]:
+    """The samples per prompt whose predicted generation share is nearest `WANTED_SHARE`, and that
+    share. `probes` are two synchronous runs, each `{"samples", "generate_s", "rest_s"}`: a line
+    through each phase's two points predicts its seconds at 1..`MAX_SAMPLES` samples (clipped
+    at a tenth of the smaller measurement, so that noise cannot make a phase free)."""
+    (a, b) = sorted(probes, key=lambda p: p["samples"])
+    if a["samples"] == b["samples"]:
+        raise ValueError(f"the probes need two different sample counts, got {a['samples']} twice")
+
+    def line(key: str, samples: int) -> float:
+        slope = (b[key] - a[key]) / (b["samples"] - a["samples"])
+        return max(a[key] + slope * (samples - a["samples"]), 0.1 * min(a[key], b[key]))
+
+    shares = {n: line("generate_s", n) / (line("generate_s", n) + line("rest_s", n)) for n in range(1, MAX_SAMPLES + 1)}
+    best = min(shares, key=lambda n: (abs(shares[n] - WANTED_SHARE), n))
+    return best, shares[best]
+
+
+def probe_samples(root: Path, workload_at) -> dict:
+    """Short synchronous runs at each of `PROBE_SAMPLES` (`workload_at(samples)` gives a run's overrides),
+    and the count `choose_samples` takes from them."""
+    probes = []
+    for samples in PROBE_SAMPLES:
+        run = timed_mode(f"probe_{samples}samples", root,
+                         [*workload_at(samples), *STEADY, f"run.steps={PROBE_STEPS}"], 0, PROBE_WARMUP)
+        gen = run["breakdown"]["generate"]
+        probes.append({"samples": samples, "generate_s": gen, "rest_s": run["step_s"] - gen,
+                       "share": gen / run["step_s"]})
+        print(f"    generation {gen:.2f} s of {run['step_s']:.2f} s ({probes[-1]['share']:.2f})", flush=True)
+    samples, share = choose_samples(probes)
+    print(f"  probe chose {samples} samples per prompt (predicted generation share {share:.2f})", flush=True)
+    return {"by": "probe", "samples": samples, "predicted_share": share, "probes": probes}
 
 
 def gold_runs(root: Path, seeds: list[int], steps: int) -> dict:
@@ -176,7 +221,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12, help="steps per timed run")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the means")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per step")
-    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--samples", type=int,
+                        help="samples per prompt (default: chosen by a probe so that generation is about half "
+                             "of a synchronous step)")
     parser.add_argument("--tokens", type=int, default=384,
                         help="new tokens per sample (with few sequences, generation's share grows with it)")
     parser.add_argument("--gold-seeds", type=int, nargs="*", default=[], help="seeds of the gold-reward comparison")
@@ -212,6 +259,11 @@ def main() -> int:
         _print_gold(report["gold"])
         write_result(args.json, report)
         return 0
+    if args.samples is None:
+        choice = probe_samples(root, lambda samples: workload_of(args.prompts, samples, args.tokens))
+        args.samples = choice["samples"]
+    else:
+        choice = {"by": "flag", "samples": args.samples}
     workload = [*workload_of(args.prompts, args.samples, args.tokens), *STEADY]
     sync = timed_mode("sync", root, workload, 0, args.warmup)
     asyn = timed_mode("async", root, workload, 1, args.warmup)
@@ -223,7 +275,7 @@ def main() -> int:
         "sync_steps_per_s": sync["steps_per_s"], "async_steps_per_s": asyn["steps_per_s"],
         "async_speedup": asyn["steps_per_s"] / sync["steps_per_s"], "overlap_bound": bound,
         "generation_share": gen / step, "breakdown": {"sync": sync["breakdown"], "async": asyn["breakdown"]},
-        "sync": sync, "async": asyn,
+        "sync": sync, "async": asyn, "samples_choice": choice,
     }
     report["fraction_of_overlap_bound"] = report["async_speedup"] / bound
     grpo = timed_mode("grpo", root, [*workload_of(*GRPO_WORKLOAD), "learner.advantage=grpo",
@@ -245,7 +297,7 @@ def main() -> int:
     if "gold" in report:
         _print_gold(report["gold"])
     if not 0.4 <= report["generation_share"] <= 0.6:
-        print("warning: generation is outside 40-60% of a synchronous step; change --tokens")
+        print("warning: generation is outside 40-60% of a synchronous step; change --samples or --tokens")
     write_result(args.json, report)
     return 0
 

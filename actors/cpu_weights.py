@@ -5,11 +5,15 @@ vLLM 0.32's CPU backend keeps a linear layer's weight only in a prepacked form,
 reached through the layer's `cpu_linear` closure: a oneDNN handler (the pointer
 sits in the int64 tensor `handler.handler_tensor`, which compiled graphs read
 at run time), or an sgl-packed tensor for small layers, or, with prepacking off,
-the plain `weight` parameter.  Its general reload (`initialize_layerwise_reload`)
-rebuilds every layer around that: it materialises empty parameters, copies each
-received tensor into them through the weight loaders, re-runs the backend's
-processing and swaps the layer's tensors back; measured on the ~80M model,
-that is about as long again as the repacking itself (benchmarks/weight_sync.py).
+the plain `weight` parameter.  On AMD CPUs with AVX-512, where vLLM routes
+linear layers to zentorch (`ZenCpuPlatform`, `rollout.cpu_gemm`), the closure
+holds zentorch's prepacked weight (`zen_weight`): a tensor of the weight's shape
+whose bytes are in zentorch's blocked layout.  vLLM's general reload
+(`initialize_layerwise_reload`) rebuilds every layer around that: it
+materialises empty parameters, copies each received tensor into them through
+the weight loaders, re-runs the backend's processing and swaps the layer's
+tensors back; measured on the ~80M model, that is about as long again as the
+repacking itself (benchmarks/weight_sync.py).
 
 Here each layer is updated where it lies:
 
@@ -20,6 +24,8 @@ Here each layer is updated where it lies:
   the layer's existing `handler_tensor` and the old handler is released, so
   eager code and compiled graphs both use the new weights at their next call;
 - sgl: the packed tensor is overwritten in place; plain: the weight is copied;
+- zentorch: the weight is packed by zentorch and copied into the tensor the
+  closure holds;
 - embeddings (whose padded vocabulary rows stay as they are), norms and biases
   are copied into their parameters; the lm_head, which also keeps a packed
   copy, is repacked from its parameter (with tied embeddings, from the
@@ -28,7 +34,7 @@ Here each layer is updated where it lies:
 `DirectCpuLoader.build` decides once per engine whether this applies: a Llama
 architecture (the only one whose weight loaders are plain copies that the tests
 check here), every parameter covered by exactly one Hugging Face name of the
-update, every linear layer in one of the three forms above.  Otherwise it says
+update, every linear layer in one of the four forms above.  Otherwise it says
 why and the engine uses vLLM's reload.  `FLYWHEEL_CPU_WEIGHT_LOAD=reload`
 forces vLLM's reload (the benchmark's baseline).  GPU engines always use it.
 
@@ -63,7 +69,7 @@ class _Target:
     """One module the update writes: its parameters come from `parts` (Hugging Face names)."""
 
     module: torch.nn.Module
-    kind: str  # "onednn", "sgl", "plain" (linear layers), "embedding", "copy"
+    kind: str  # "onednn", "sgl", "plain", "zentorch" (linear layers), "embedding", "copy"
     weights: list[str]  # HF names of the weight's parts, in the fused layer's row order
     biases: list[str] = field(default_factory=list)  # HF names of the bias's parts, same order
     param: str = "weight"  # for "copy": the parameter written
@@ -82,12 +88,21 @@ def _closure_vars(fn) -> dict:
     return dict(zip(code.co_freevars, (c.cell_contents for c in cells))) if code is not None else {}
 
 
+# The linear layers' forms this loader writes (besides embeddings and plain copies).
+LINEAR_KINDS = ("onednn", "sgl", "plain", "zentorch")
+
+
 def _linear_kind(module: torch.nn.Module) -> str | None:
     """How vLLM's CPU backend holds this linear layer's weight, from its `cpu_linear` closure."""
     fn = getattr(module, "cpu_linear", None)
     if fn is torch.nn.functional.linear:
         return "plain" if module.weight.numel() else None
     free = _closure_vars(fn)
+    if isinstance(free.get("zen_weight"), torch.Tensor):
+        # vLLM binds zentorch's "prepacked" flag as the lambda's one default. Unpacked,
+        # zentorch keeps blocked copies keyed by the weight's address, which an update in
+        # place would leave stale (the rollout actor refuses to start that way).
+        return "zentorch" if getattr(fn, "__defaults__", None) == (True,) else None
     handler = free.get("handler")
     if handler is not None and isinstance(getattr(handler, "handler_tensor", None), torch.Tensor):
         return "onednn"
@@ -133,7 +148,7 @@ class DirectCpuLoader:
                 # embeddings it is another module holding the embedding's parameter.
                 heads = [m for m in (getattr(model, "lm_head", None),)
                          if kind == "embedding" and getattr(m, "weight", None) is module.weight]
-                if any(_linear_kind(m) not in ("onednn", "sgl", "plain") for m in heads):
+                if any(_linear_kind(m) not in LINEAR_KINDS for m in heads):
                     return None, f"{path}: the output layer's CPU GEMM form is not one this loader knows"
                 targets[hf_name] = _Target(module, kind, [hf_name], param=param, heads=heads)
                 continue
@@ -156,7 +171,7 @@ class DirectCpuLoader:
             slot[shard] = hf_name
             target.rows = sizes
         for key, target in targets.items():
-            if target.kind in ("onednn", "sgl", "plain"):
+            if target.kind in LINEAR_KINDS:
                 if None in target.weights or (target.biases and None in target.biases):
                     return None, f"{key}: the update does not carry every part of this fused layer"
                 if target.biases and getattr(target.module, "bias", None) is None:
@@ -209,7 +224,7 @@ class DirectCpuLoader:
             module.weight[: t.shape[0]].copy_(t)
             for head in target.heads:
                 kind = _linear_kind(head)
-                if kind in ("onednn", "sgl"):
+                if kind in ("onednn", "sgl", "zentorch"):
                     _repack(head, kind, head.weight)
             return
         if target.biases:
@@ -250,5 +265,12 @@ def _repack(module: torch.nn.Module, kind: str, weight: torch.Tensor) -> None:
         old = int(handler.handler_tensor.item())
         handler.handler_tensor.fill_(fresh)
         torch.ops._C.release_dnnl_matmul_handler(old)
+    elif kind == "zentorch":
+        _closure_vars(module.cpu_linear)["zen_weight"].copy_(_zen_prepack(weight))
     else:  # sgl
         _closure_vars(module.cpu_linear)["packed_weight"].copy_(torch.ops._C.convert_weight_packed(weight))
+
+
+def _zen_prepack(weight: torch.Tensor) -> torch.Tensor:
+    """zentorch's blocked form of an (N, K) weight, as vLLM's dispatch makes it at load time."""
+    return torch.ops.zentorch.zentorch_weight_prepack_for_linear(weight.contiguous())

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from flywheel.hardware import apply_cpu_emulation
+from flywheel.hardware import apply_cpu_emulation, cpu_gemm_choice, forgo_zentorch
 from flywheel.records import PromptBatch, Rollout, WeightSyncMeta
 
 FINISH_REASONS = ("stop", "length")
@@ -104,6 +104,10 @@ def sampled_logprobs(flat, ids: np.ndarray) -> np.ndarray:
     return np.asarray(flat.logprobs, dtype=np.float32)
 
 
+# vLLM's switch for prepacking weights on its zentorch platform (on by default).
+ZEN_PREPACK_ENV = "VLLM_ZENTORCH_WEIGHT_PREPACK"
+
+
 class RolloutWorker:
     """One vLLM engine generating rollouts for the driver; weights versioned."""
 
@@ -123,6 +127,7 @@ class RolloutWorker:
         enable_prefix_caching: bool = True,
         block_size: int | None = None,
         prepack_cpu_weights: bool = True,
+        cpu_gemm: str = "auto",
     ):
         """`logprobs_mode`: vLLM's "processed_logprobs" (default) reports the
         logprob of each sampled token under the distribution it was drawn from
@@ -155,7 +160,15 @@ class RolloutWorker:
         keeps linear weights in torch's layout (`torch.nn.functional.linear`)
         instead of oneDNN's prepacked one, so a weight update copies them
         rather than repacking; generation is slower (benchmarks/rollout.py,
-        `vllm_unpacked`).  Process-wide: vLLM reads the flag at weight loading."""
+        `vllm_unpacked`).  Process-wide: vLLM reads the flag at weight loading.
+        It implies oneDNN's path (`cpu_gemm`), the only one with such a form.
+
+        `cpu_gemm` (`rollout.cpu_gemm`, CPU only): "auto" lets vLLM compute
+        linear layers with zentorch where it would (an AMD CPU with AVX-512 and
+        zentorch installed; `flywheel.hardware.cpu_gemm_choice`) and with
+        oneDNN elsewhere; "onednn" and "zentorch" ask for one.  Both keep the
+        weights prepacked.  Process-wide and decided before vLLM is imported;
+        `health()` says which the engine got."""
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"model.dtype must be 'bfloat16' or 'float32', got {dtype!r}")
         if device not in ("cpu", "cuda"):
@@ -168,6 +181,15 @@ class RolloutWorker:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see compile_cache_dir above
             apply_cpu_emulation()  # FLYWHEEL_EMULATE_CPU=avx2: vLLM's AVX2 kernels on any x86 CPU
+            # Unprepacked weights exist on vLLM's generic path only (see ZEN_PREPACK_ENV below).
+            gemm, _ = cpu_gemm_choice(cpu_gemm if prepack_cpu_weights else "onednn")
+            if gemm == "onednn":
+                forgo_zentorch()  # vLLM would take zentorch wherever it imports on an AMD CPU with AVX-512
+            elif os.environ.get(ZEN_PREPACK_ENV, "1") != "1":
+                # Unpacked, zentorch keeps a blocked copy of each weight keyed by its address and
+                # never sees a weight changed in place: every update after the first would be lost.
+                raise ValueError(f"{ZEN_PREPACK_ENV}={os.environ[ZEN_PREPACK_ENV]}: zentorch would keep computing "
+                                 "with cached copies of the old weights after an update; unset it")
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -205,6 +227,11 @@ class RolloutWorker:
             **kwargs,
         )
         self._tokenizer = self._llm.get_tokenizer()
+        # The library vLLM chose for this engine's linear layers (zentorch only on its Zen platform).
+        self.cpu_gemm = None if device != "cpu" else ("zentorch" if current_platform.is_zen_cpu() else "onednn")
+        if device == "cpu" and self.cpu_gemm != gemm:
+            raise RuntimeError(f"rollout.cpu_gemm={cpu_gemm} asked for {gemm}, but vLLM computes with "
+                               f"{self.cpu_gemm}: something imported vLLM before the rollout actor chose")
         self.model_path = model_path
         self.actor_rank = actor_rank
         self.dtype = dtype
@@ -506,6 +533,7 @@ class RolloutWorker:
             "engine_weight_version": self._llm.get_weight_version(),
             "partial_update_version": self._partial_version,
             "weight_load": self.weight_load_path(),
+            "cpu_gemm": self.cpu_gemm,
             "weight_transfer_ready": self._transfer_ready,
             "tokens_generated": self._tokens_generated,
             "sequences_generated": self._sequences_generated,

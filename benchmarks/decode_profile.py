@@ -5,7 +5,7 @@ built from the config; 256 prompts of the synthetic task, 64 new tokens each,
 the faster of eager and compiled unless `--mode` says), warmed up, then one pass
 profiled.  Each operator's own CPU time goes into one of these groups:
 
-- `gemm`: the linear layers (vLLM's oneDNN and sgl kernels, or torch's);
+- `gemm`: the linear layers (vLLM's oneDNN and sgl kernels, zentorch's, or torch's);
 - `attention`: vLLM's CPU paged-attention kernel;
 - `kv_cache_write`: writing each new token's keys and values into the cache;
 - `compiled_elementwise`: what Inductor fused (norms, rotary, activation, residuals);
@@ -38,7 +38,8 @@ from rollout import CONFIG, load_cfg, matmul_flops, start_vllm
 from flywheel.hardware import actor_threads, read_cpu_info
 
 GROUPS = {  # operator-name fragments, first match wins
-    "gemm": ("onednn_mm", "weight_packed_linear", "aten::addmm", "aten::mm", "aten::linear", "aten::matmul"),
+    "gemm": ("onednn_mm", "weight_packed_linear", "zentorch_linear", "aten::addmm", "aten::mm", "aten::linear",
+             "aten::matmul"),
     "attention": ("cpu_attention_with_kv_cache",),
     "kv_cache_write": ("cpu_attn_reshape_and_cache",),
     "compiled_elementwise": ("CompiledFxGraph",),

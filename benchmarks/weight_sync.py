@@ -30,7 +30,11 @@ update's start and finish; the first two overlap, so they add up to more than `r
 Each actor loads on `sync.load_threads` threads (by default the machine's cores divided among
 the actors, as in a run, since the learner only waits meanwhile); where that is more than one,
 the same one-actor update loaded on one thread is the baseline (`one_load_thread`,
-`load_threads_speedup_over_one`).
+`load_threads_speedup_over_one`).  `cpu_gemm` is the library the engines compute linear
+layers with (`rollout.cpu_gemm`); where it is zentorch (an AMD CPU with AVX-512), its
+packing copied into place is timed as well (`zentorch_repack_s`, which `sync_over_repack`
+then uses), and the same one-actor update into an engine on oneDNN is the baseline
+(`onednn`, `zentorch_speedup_over_onednn`).
 
     python benchmarks/weight_sync.py --json benchmarks/results/weight_sync.json
     python benchmarks/weight_sync.py --quick --json /tmp/weight_sync_quick.json   # tiny model, one repeat
@@ -50,7 +54,7 @@ import traceback
 
 from common import add_emulation_option, begin_emulation, load_average, write_result
 
-from flywheel.hardware import actor_threads, torch_threads
+from flywheel.hardware import actor_threads, torch_threads, zentorch_unavailable
 
 CONFIG = "configs/local_tiny_ppo.yaml"
 TIMEOUT_S = 600.0
@@ -85,7 +89,7 @@ def _actor_main(kwargs: dict, rank: int, world: int, commands, results, load: st
             t0 = time.perf_counter()
             worker.receive_weights(meta)
             results.put(("done", {"receive_s": time.perf_counter() - t0, **PHASES,
-                                  "load_path": worker.weight_load_path()}))
+                                  "load_path": worker.weight_load_path(), "cpu_gemm": worker.cpu_gemm}))
         worker.shutdown()
     except BaseException:
         results.put(("crashed", traceback.format_exc()))
@@ -173,7 +177,8 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: st
                 proc.kill()
                 proc.join(timeout=10)
     keys = sorted(k for k in phases[0][0] if k.endswith("_s"))
-    return {"transport": used, "load_path": phases[0][0]["load_path"], "load_threads": threads[0],
+    return {"transport": used, "load_path": phases[0][0]["load_path"], "cpu_gemm": phases[0][0]["cpu_gemm"],
+            "load_threads": threads[0],
             "sync_s": statistics.median(walls),
             "sync_s_all": walls,
             "sender_s": statistics.median(sends),
@@ -229,7 +234,9 @@ def repack_seconds(model, threads: int, repeats: int = 5) -> dict | None:
 
     Median seconds of: `repack_s`, from the weights as they arrive ([N, K], which oneDNN reads as a
     transposed [K, N]); `repack_from_kn_s`, the same packing from [K, N] copies made beforehand
-    (oneDNN's other reorder, for that layout); `transpose_s`, making those copies with torch."""
+    (oneDNN's other reorder, for that layout); `transpose_s`, making those copies with torch; and,
+    where zentorch can be had, `zentorch_repack_s`, its packing copied into place, as an engine on
+    zentorch (`rollout.cpu_gemm`) updates a layer."""
     import torch
     from vllm import _custom_ops as ops
 
@@ -255,6 +262,18 @@ def repack_seconds(model, threads: int, repeats: int = 5) -> dict | None:
                   "repack_from_kn_s": _median_s(lambda: repack(kn), repeats),
                   "transpose_s": _median_s(transpose, repeats)}
         del handlers
+        if zentorch_unavailable() is None:  # zentorch's packing, as an engine on it updates a layer
+            import zentorch  # noqa: F401  (its ops)
+
+            from actors.cpu_weights import _zen_prepack
+
+            packed = [_zen_prepack(w) for w in weights]
+
+            def zen_repack():
+                for w, dst in zip(weights, packed):
+                    dst.copy_(_zen_prepack(w))
+
+            result["zentorch_repack_s"] = _median_s(zen_repack, repeats)
     return result
 
 
@@ -306,12 +325,15 @@ def main() -> int:
     report = {"benchmark": "weight_sync", "quick": args.quick, "model": args.model, "params": params,
               "bytes": nbytes, "dtype": dtype.dtype, "emulated_cpu": emulated, "bucket_mb": cfg.sync.bucket_mb,
               "memcpy_s": memcpy_s,
-              **{k: repack.get(k) for k in ("repack_s", "repack_from_kn_s", "transpose_s")},
+              **{k: repack.get(k) for k in ("repack_s", "repack_from_kn_s", "transpose_s", "zentorch_repack_s")},
               "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}
     if repack_s is not None:
         print(f"the engine's own GEMM prepacking of every linear weight: {repack_s:.4f} s "
               f"({repack_s / memcpy_s:.1f}x the copy) on {actor_t} thread(s); from [K, N] copies "
               f"{repack['repack_from_kn_s']:.4f} s, but making them takes {repack['transpose_s']:.4f} s")
+    if repack.get("zentorch_repack_s") is not None:
+        print(f"zentorch's packing of every linear weight, copied into place: {repack['zentorch_repack_s']:.4f} s "
+              f"({repack['zentorch_repack_s'] / memcpy_s:.1f}x the copy)")
     print(f"{'actors':>6} {'transport':>9} {'params':>12} {'bytes':>12} {'sync_s':>8} {'memcpy_s':>9} {'ratio':>7} "
           f"{'GB/s':>6} {'thr':>3}  actor phases (s)")
     report["broadcast"] = {}
@@ -320,7 +342,8 @@ def main() -> int:
             r = sync_into(args, cfg, path, dtype.dtype, n, transport)
             r.update(params=params, bytes=nbytes, memcpy_s=memcpy_s, sync_over_memcpy=r["sync_s"] / memcpy_s,
                      gb_per_s=nbytes / r["sync_s"] / 1e9,
-                     sync_over_repack=r["sync_s"] / repack_s if repack_s else None)
+                     sync_over_repack=r["sync_s"] / own if (own := repack.get(
+                         "zentorch_repack_s" if r["cpu_gemm"] == "zentorch" else "repack_s")) else None)
             where[str(n)] = r
             phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
             print(f"{n:>6} {r['transport']:>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
@@ -328,27 +351,34 @@ def main() -> int:
         report["actors"][str(n)]["shm_speedup_over_broadcast"] = (report["broadcast"][str(n)]["sync_s"]
                                                                   / report["actors"][str(n)]["sync_s"])
     one = report["actors"].get("1")
-    if one is not None and one["load_threads"] > 1:
-        # The baseline for loading on more threads: the same one-actor update on generation's one thread.
-        r = sync_into(args, cfg, path, dtype.dtype, 1, cfg.sync.transport, load_threads=1)
+
+    def baseline(key: str, mark: str, note: str, run_cfg=cfg, **how) -> float:
+        """The same one-actor update another way, in this run: kept as report[key], printed with
+        `mark`; returns how many times as long it took as the headline update."""
+        r = sync_into(args, run_cfg, path, dtype.dtype, 1, cfg.sync.transport, **how)
         r.update(sync_over_memcpy=r["sync_s"] / memcpy_s)
-        report["one_load_thread"] = {"1": r}
-        one["load_threads_speedup_over_one"] = r["sync_s"] / one["sync_s"]
+        report[key] = {"1": r}
         phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
-        print(f"{1:>6} {r['transport'] + '+':>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
+        print(f"{1:>6} {r['transport'] + mark:>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
               f"{r['sync_over_memcpy']:>7.1f} {nbytes / r['sync_s'] / 1e9:>6.2f} {r['load_threads']:>3}  {phases}")
-        print(f"+ the same update loaded on 1 thread instead of {one['load_threads']} (sync.load_threads)")
-    if "1" in report["actors"] and report["actors"]["1"]["load_path"] == "in place":
-        # The baseline for loading in place: the same update through vLLM's layerwise reload.
-        r = sync_into(args, cfg, path, dtype.dtype, 1, cfg.sync.transport, load="reload")
-        r.update(sync_over_memcpy=r["sync_s"] / memcpy_s)
-        report["reload"] = {"1": r}
-        report["actors"]["1"]["in_place_speedup_over_reload"] = r["sync_s"] / report["actors"]["1"]["sync_s"]
-        phases = " ".join(f"{k.removesuffix('_s')}={v:.3f}" for k, v in r["actor_phases_s"].items())
-        print(f"{1:>6} {r['transport'] + '*':>9} {params:>12,} {nbytes:>12,} {r['sync_s']:>8.3f} {memcpy_s:>9.4f} "
-              f"{r['sync_over_memcpy']:>7.1f} {nbytes / r['sync_s'] / 1e9:>6.2f} {r['load_threads']:>3}  {phases}")
-        print("* the same update through vLLM's layerwise reload instead of in place (actors/cpu_weights.py)")
-    report.update({k: report["actors"]["1"].get(k) for k in ("transport", "load_path", "sync_s", "sync_over_memcpy",
+        print(f"{mark} {note}")
+        return r["sync_s"] / one["sync_s"]
+
+    if one is not None and one["load_threads"] > 1:  # loading on more threads against generation's one
+        one["load_threads_speedup_over_one"] = baseline(
+            "one_load_thread", "+", f"the same update loaded on 1 thread instead of {one['load_threads']} "
+            "(sync.load_threads)", load_threads=1)
+    if one is not None and one["cpu_gemm"] == "zentorch":  # zentorch's packing against oneDNN's
+        onednn = load_config(args.config, [f"model.embedded={args.model}", *args.override, "rollout.cpu_gemm=onednn"])
+        one["zentorch_speedup_over_onednn"] = baseline(
+            "onednn", "#", "the same update into an engine on oneDNN (rollout.cpu_gemm=onednn) instead of zentorch",
+            run_cfg=onednn)
+    if one is not None and one["load_path"] == "in place":  # loading in place against vLLM's reload
+        one["in_place_speedup_over_reload"] = baseline(
+            "reload", "*", "the same update through vLLM's layerwise reload instead of in place "
+            "(actors/cpu_weights.py)", load="reload")
+    report.update({k: report["actors"]["1"].get(k) for k in ("transport", "load_path", "cpu_gemm", "sync_s",
+                                                              "sync_over_memcpy", "zentorch_speedup_over_onednn",
                                                               "gb_per_s", "sync_over_repack", "shm_speedup_over_broadcast",
                                                               "in_place_speedup_over_reload", "load_threads",
                                                               "load_threads_speedup_over_one")}

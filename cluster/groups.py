@@ -112,7 +112,8 @@ def rollout_worker_kwargs(cfg: FlywheelConfig, model_path: str, dtype: str, i: i
     r = cfg.rollout
     return dict(model_path=model_path, actor_rank=i, dtype=dtype, max_model_len=cfg.model.max_model_len,
                 seed=cfg.run.seed + i, enforce_eager=r.enforce_eager, kv_cache_gib=r.kv_cache_gib,
-                gpu_memory_utilization=r.gpu_memory_utilization, device=cfg.run.device, block_size=r.block_size)
+                gpu_memory_utilization=r.gpu_memory_utilization, device=cfg.run.device, block_size=r.block_size,
+                cpu_gemm=r.cpu_gemm)
 
 
 def generate_kwargs(cfg: FlywheelConfig) -> dict[str, Any]:

@@ -439,7 +439,7 @@ def apply_cpu_emulation() -> str | None:
         return None
     for key, value in emulation_env(kind).items():
         os.environ.setdefault(key, value)
-    loaded = [m for m in ("vllm._C",) if m in sys.modules]
+    loaded = [m for m in ("vllm._C", "zentorch") if sys.modules.get(m) is not None]
     if loaded:
         raise ValueError(f"{EMULATE_ENV}={kind} came too late: {', '.join(loaded)} is already loaded with this "
                          "machine's instructions. Set it in the environment the process starts from.")
@@ -449,4 +449,50 @@ def apply_cpu_emulation() -> str | None:
                   "_is_amx_tile_supported", "_is_amx_fp16_supported"):
         if hasattr(torch.cpu, probe):
             setattr(torch.cpu, probe, lambda: False)
+    forgo_zentorch()  # vLLM reads /proc/cpuinfo itself; an AVX2-only machine gets no zentorch
     return kind
+
+
+# ------------------------------------------------------------------ the rollout engine's GEMM library
+
+CPU_GEMMS = ("auto", "onednn", "zentorch")
+
+
+def zentorch_unavailable(cpu: CpuInfo | None = None) -> str | None:
+    """Why vLLM would not compute linear layers with zentorch here, or None if it would (its
+    ZenCpuPlatform: an AMD CPU with AVX-512 and zentorch importable, vLLM 0.32's own rule)."""
+    import importlib.util
+
+    cpu = cpu or read_cpu_info()
+    if cpu.emulated_from is not None:
+        return f"{EMULATE_ENV} emulates a CPU without AVX-512"
+    if cpu.vendor != "AuthenticAMD" or not cpu.has_avx512:
+        return f"zentorch needs an AMD CPU with AVX-512 (this is {cpu.vendor}, {cpu.kind})"
+    if sys.modules.get("zentorch", False) is None or importlib.util.find_spec("zentorch") is None:
+        return "zentorch is not installed (pip install zentorch==2.13.0.2, as the cpu extra does)"
+    return None
+
+
+def cpu_gemm_choice(requested: str = "auto", cpu: CpuInfo | None = None) -> tuple[str, str]:
+    """The library a CPU rollout engine computes its linear layers with (`rollout.cpu_gemm`), and why.
+    Both keep prepacked weights, so every weight update repacks them; zentorch's repack is cheaper and
+    its small-batch GEMMs faster (benchmarks/rollout.py). A ValueError says why zentorch cannot be had."""
+    if requested not in CPU_GEMMS:
+        raise ValueError(f"rollout.cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {requested!r}")
+    if requested == "onednn":
+        return "onednn", "rollout.cpu_gemm=onednn"
+    why_not = zentorch_unavailable(cpu)
+    if requested == "zentorch" and why_not:
+        raise ValueError(f"rollout.cpu_gemm=zentorch cannot be had: {why_not}; set rollout.cpu_gemm=auto or onednn")
+    if why_not:
+        return "onednn", f"auto: {why_not}"
+    return "zentorch", "auto: an AMD CPU with AVX-512 and zentorch installed (vLLM's zentorch platform)"
+
+
+def forgo_zentorch() -> None:
+    """Keep vLLM in this process off its zentorch platform, which it takes whenever zentorch imports
+    on an AMD CPU with AVX-512: zentorch then fails to import. Call before vLLM's platform is chosen."""
+    if sys.modules.get("zentorch") is not None:
+        raise ValueError("zentorch is already imported in this process, so vLLM may compute with it; "
+                         "choose the GEMM library (rollout.cpu_gemm) before anything imports vLLM")
+    sys.modules["zentorch"] = None

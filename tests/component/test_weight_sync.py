@@ -263,16 +263,17 @@ def test_an_actor_that_cannot_map_the_learners_memory_gets_the_weights_over_the_
 
 
 def _actor_main(model_path: str, rank: int, world_size: int, commands, results, dtype: str = "float32",
-                eager: bool = True, load_threads: int | None = None) -> None:
+                eager: bool = True, load_threads: int | None = None, cpu_gemm: str = "auto") -> None:
     """A rollout actor in its own process (as under Ray): joins the group, then serves commands."""
     try:
         from actors.rollout import RolloutWorker
 
         worker = RolloutWorker(model_path, dtype=dtype, max_model_len=128, seed=0, kv_cache_gib=1,
-                               enforce_eager=eager)
+                               enforce_eager=eager, cpu_gemm=cpu_gemm)
         with open("/proc/self/maps") as f:  # which of vLLM's kernel libraries (_C, _C_AVX512, _C_AVX2) it loaded
             kernels = sorted({line.rsplit("/", 1)[-1].strip() for line in f if "/vllm/_C" in line})
-        facts = {"vllm_kernels": kernels, "torch_capability": torch.backends.cpu.get_cpu_capability()}
+        facts = {"vllm_kernels": kernels, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+                 "cpu_gemm": worker.cpu_gemm}
         results.put(("started", facts))  # the group forms once every engine is up, as the driver does
         _, port = commands.get(timeout=START_TIMEOUT_S)
         worker.init_weight_transfer("127.0.0.1", port, rank=rank, world_size=world_size, backend="gloo",
@@ -316,12 +317,14 @@ def tied_model_path(model_path, tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.mark.parametrize(("cpu", "dtype", "load", "eager", "tied", "threads"), [
-    ("native", "float32", "auto", True, False, 2), ("avx2", "float32", "auto", True, False, None),
-    ("native", "bfloat16", "auto", True, False, 2), ("native", "float32", "reload", True, False, None),
-    ("native", "float32", "auto", False, False, None), ("native", "float32", "auto", True, True, None),
+@pytest.mark.parametrize(("cpu", "dtype", "load", "eager", "tied", "threads", "gemm"), [
+    ("native", "float32", "auto", True, False, 2, "auto"), ("avx2", "float32", "auto", True, False, None, "auto"),
+    ("native", "bfloat16", "auto", True, False, 2, "auto"), ("native", "float32", "reload", True, False, None, "auto"),
+    ("native", "float32", "auto", False, False, None, "auto"), ("native", "float32", "auto", True, True, None, "auto"),
+    ("native", "bfloat16", "auto", True, True, None, "onednn"), ("native", "float32", "auto", False, True, None,
+                                                                 "zentorch"),
 ])
-def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, load, eager, tied, threads,
+def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, load, eager, tied, threads, gemm,
                                                           monkeypatch):
     """Two actors in one group; after each sync (the first through shared memory, the second over
     the group) every engine weight, read back through the layers' own (prepacked) kernels, equals
@@ -335,10 +338,15 @@ def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, lo
     checks what the engine computes with: with `eager` False, its compiled graphs; with `tied`, the
     output layer's packed copy of the embedding it shares (the read-back reads the parameter).
     `threads`: each actor loads on that many threads (`sync.load_threads`; None: the default, the
-    machine's cores shared between the two actors), so the repacking is exact on several threads."""
+    machine's cores shared between the two actors), so the repacking is exact on several threads.
+    `gemm` (`rollout.cpu_gemm`): "auto" is zentorch on an AMD CPU with AVX-512 and oneDNN elsewhere, so
+    both libraries are asked for by name as well (zentorch only where it can be had)."""
     from actors.cpu_weights import LOAD_ENV
-    from flywheel.hardware import emulation_env
+    from flywheel.hardware import cpu_gemm_choice, emulation_env, zentorch_unavailable
     from learner.weight_sync import WeightSender
+
+    if gemm == "zentorch" and zentorch_unavailable():
+        pytest.skip(f"rollout.cpu_gemm=zentorch: {zentorch_unavailable()}")
 
     if cpu == "avx2":
         for key, value in emulation_env("avx2").items():
@@ -348,7 +356,7 @@ def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, lo
     ctx = mp.get_context("spawn")
     world = 3
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(world - 1)]
-    procs = [ctx.Process(target=_actor_main, args=(model_path, k + 1, world, *links[k], dtype, eager, threads),
+    procs = [ctx.Process(target=_actor_main, args=(model_path, k + 1, world, *links[k], dtype, eager, threads, gemm),
                          daemon=True)
              for k in range(world - 1)]
     for proc in procs:
@@ -359,7 +367,10 @@ def test_every_weight_of_every_actor_equals_the_learners(request, cpu, dtype, lo
             facts = _get(results, "started", START_TIMEOUT_S)
             assert len(facts["vllm_kernels"]) == 1, facts  # one kernel library, whichever the CPU calls for
             if cpu == "avx2":
-                assert facts == {"vllm_kernels": ["_C_AVX2.abi3.so"], "torch_capability": "AVX2"}, facts
+                assert facts == {"vllm_kernels": ["_C_AVX2.abi3.so"], "torch_capability": "AVX2",
+                                 "cpu_gemm": "onednn"}, facts
+            else:
+                assert facts["cpu_gemm"] == cpu_gemm_choice(gemm)[0], facts
         # The port is chosen now, as the driver does: a starting engine binds ports of its own.
         port = free_port()
         for commands, _ in links:

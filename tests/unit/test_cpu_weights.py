@@ -54,3 +54,31 @@ def test_load_mode_names_the_variable_and_its_values(monkeypatch):
     monkeypatch.setenv(LOAD_ENV, "fast")
     with pytest.raises(ValueError, match=f"{LOAD_ENV} must be 'auto' or 'reload', got 'fast'"):
         load_mode()
+
+
+def _zen_layer(prepacked: bool):
+    """A linear layer as vLLM's zentorch dispatch leaves it: the closure holds the (packed) weight it
+    computes with, the prepacked flag is the lambda's one default, and the parameter is emptied."""
+    module = torch.nn.Module()
+    zen_weight = torch.zeros(8, 3)
+    module.cpu_linear = lambda x, weight, bias, _p=prepacked: torch.nn.functional.linear(x, zen_weight, bias)
+    module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    return module, zen_weight
+
+
+def test_a_zentorch_layer_is_repacked_into_the_tensor_it_computes_with(monkeypatch):
+    import actors.cpu_weights as cpu_weights
+
+    module, zen_weight = _zen_layer(prepacked=True)
+    assert cpu_weights._linear_kind(module) == "zentorch"
+    # Unpacked, zentorch caches blocked copies by address, which an in-place update would leave stale.
+    assert cpu_weights._linear_kind(_zen_layer(prepacked=False)[0]) is None
+    # A stand-in for zentorch's packing (which needs zentorch): any fixed rearrangement of the bytes.
+    monkeypatch.setattr(cpu_weights, "_zen_prepack", lambda w: w.contiguous().flip(1))
+    _, (q, k, v) = _bucket_views([(4, 3), (2, 3), (2, 3)])
+    loader = cpu_weights.DirectCpuLoader([cpu_weights._Target(module, "zentorch", ["q", "k", "v"], rows=[4, 2, 2])])
+    loader.load([("q", q), ("k", k)])
+    assert not zen_weight.any()  # a fused layer waits for all its parts
+    loader.load([("v", v)])
+    torch.testing.assert_close(zen_weight, torch.cat([q, k, v]).flip(1), rtol=0, atol=0)
+    assert loader.finish() == []

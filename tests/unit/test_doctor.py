@@ -46,6 +46,12 @@ def test_json_report_has_the_documented_keys_and_one_line():
     assert report["packages"]["torch"] == metadata.version("torch")
     assert report["run_would_choose"]["dtype"] in ("bfloat16", "float32")
     assert report["run_would_choose"]["threads_available"] == len(os.sched_getaffinity(0))
+    # The linear-layer library of a CPU engine, as the rollout actor would take it here.
+    from flywheel.hardware import cpu_gemm_choice
+
+    if report["run_would_choose"]["device"] == "cpu":
+        assert report["run_would_choose"]["cpu_gemm"] == cpu_gemm_choice("auto")[0]
+        assert report["run_would_choose"]["cpu_gemm_reason"]
     assert report["shm"]["present"] is Path("/dev/shm").is_dir()
     line = one_line(report)
     assert "\n" not in line

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.hardware import (EMULATE_ENV, GemmRates, actor_threads, apply_cpu_emulation, emulation_env,
-                               gemm_rates, measure_gemm_rates, read_cpu_info, resolve_dtype)
+from flywheel.hardware import (EMULATE_ENV, GemmRates, actor_threads, apply_cpu_emulation, cpu_gemm_choice,
+                               emulation_env, gemm_rates, measure_gemm_rates, read_cpu_info, resolve_dtype)
 
 # 24,600,000 kB total and 23,000,000 kB available, in bytes: x 1024.
 MEMINFO = "MemTotal:       24600000 kB\nMemFree:        20000000 kB\nMemAvailable:   23000000 kB\n"
@@ -208,3 +208,56 @@ def test_emulation_settings_and_bad_values(monkeypatch):
         read_cpu_info()
     with pytest.raises(ValueError, match="can emulate avx2, not 'sse'"):
         emulation_env("sse")
+
+
+@pytest.mark.parametrize("text, installed, library, why", [
+    (EPYC_BF16, True, "zentorch", None),  # vLLM's ZenCpuPlatform: AMD with AVX-512 and zentorch importable
+    (EPYC_BF16, False, "onednn", "zentorch is not installed"),
+    (EPYC_AVX2, True, "onednn", "needs an AMD CPU with AVX-512"),
+    (INTEL_AMX, True, "onednn", "needs an AMD CPU with AVX-512"),  # zentorch is AMD's
+])
+def test_cpu_gemm_follows_vllms_zentorch_rule(text, installed, library, why, monkeypatch):
+    import importlib.util
+    import sys
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "zentorch" else find_spec(name, *a))
+    monkeypatch.delitem(sys.modules, "zentorch", raising=False)
+    cpu = read_cpu_info(text, MEMINFO)
+    chosen, reason = cpu_gemm_choice("auto", cpu)
+    assert chosen == library and (why is None or why in reason), reason
+    assert cpu_gemm_choice("onednn", cpu)[0] == "onednn"  # asked for: oneDNN whatever the machine
+    if why is None:
+        assert cpu_gemm_choice("zentorch", cpu)[0] == "zentorch"
+    else:  # asked for where it cannot be had: an error naming why and what to set
+        with pytest.raises(ValueError, match=f"rollout.cpu_gemm=zentorch cannot be had: .*{why}.*rollout.cpu_gemm"):
+            cpu_gemm_choice("zentorch", cpu)
+    with pytest.raises(ValueError, match="rollout.cpu_gemm must be one of auto, onednn, zentorch, got 'mkl'"):
+        cpu_gemm_choice("mkl", cpu)
+
+
+def test_forgoing_zentorch_keeps_vllm_on_its_onednn_platform():
+    """In a fresh process: after `forgo_zentorch`, zentorch does not import, so vLLM (which reads
+    /proc/cpuinfo itself) takes its generic CPU platform even on an AMD CPU with AVX-512; and once
+    zentorch is imported it is too late, which the error says."""
+    import subprocess
+    import sys
+
+    code = (
+        "from flywheel.hardware import forgo_zentorch, zentorch_unavailable\n"
+        "forgo_zentorch()\n"
+        "assert zentorch_unavailable()\n"
+        "try:\n    import zentorch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('zentorch imported')\n"
+        "from vllm.platforms import current_platform\n"
+        "print(type(current_platform).__name__, current_platform.is_zen_cpu())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["CpuPlatform", "False"], out.stdout
+    late = subprocess.run([sys.executable, "-c", "import zentorch\nfrom flywheel.hardware import forgo_zentorch\n"
+                           "forgo_zentorch()"], capture_output=True, text=True, timeout=300)
+    if "No module named 'zentorch'" in late.stderr:
+        pytest.skip("zentorch is not installed here")
+    assert late.returncode != 0, late.stdout
+    assert "zentorch is already imported" in late.stderr and "rollout.cpu_gemm" in late.stderr, late.stderr[-2000:]

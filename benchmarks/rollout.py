@@ -18,8 +18,10 @@ masked until then: vLLM's `min_tokens`, transformers' `min_new_tokens`; counted)
   torch's layout instead of prepacked for oneDNN (what a weight update need not
   repack; see benchmarks/weight_sync.py);
 - the compute roofline: this machine's matrix-multiply rate in the model's
-  dtype, measured here (the better of the model's own linear shapes at the
-  batch in flight and a 2048^3 product), divided by 2 * params FLOP per token.
+  dtype, measured here (the best of the model's own linear shapes at the
+  batch in flight and a 2048^3 product, with torch's matmul and, where an
+  engine may compute with it, zentorch's prepacked linear), divided by
+  2 * params FLOP per token.
 
 Both sides generate the whole batch 1 + `--passes` times; the median of all
 but the first pass counts (the first is a warm-up, as every RL step after the
@@ -29,7 +31,12 @@ The headline (`speedup`, `vllm_tokens_per_s`, `hf_tokens_per_s`) comes from
 up, then `--pairs` passes of each in alternation, so a slow spell of the
 machine (two starts of one engine have differed by 5%) falls on both sides;
 `speedup` is the median of the pairs' ratios, and the ratio of the separate
-rows is kept as `speedup_separate_starts`. dtype (model.dtype auto) and
+rows is kept as `speedup_separate_starts`. The matrix-multiply rate is measured
+in a third process once in each pair, after its two passes, so the roofline
+falls in the same spells as the passes set against it: `roofline_fraction` is
+the median of the pairs' fractions, and `roofline_fraction_at_best_rate` sets
+the engine's median against the best rate of any pair (the stricter of the
+two). dtype (model.dtype auto) and
 threads (all cores this process may use, as `rollout.num_threads` would give the
 actor) follow the hardware as a run chooses them.
 
@@ -200,19 +207,25 @@ def measure(start, spec: dict) -> dict:
             "walls_s": walls[1:], **side.facts}
 
 
-def paired(hf_spec: dict, vllm_spec: dict, pairs: int) -> dict:
+def paired(hf_spec: dict, vllm_spec: dict, pairs: int, rate_spec: dict | None = None) -> dict:
     """Both sides up at once, their passes alternating (in turn first within a pair), so that a slow
     spell of the machine falls on both: the speed-up is the median of the pairs' ratios. Only one
-    side computes at a time; the other waits on its queue."""
+    side computes at a time; the other waits on its queue. With `rate_spec`, a third process
+    measures the matrix-multiply rates (`start_matmul`) once in each pair, after its two passes."""
     sides = {"hf": Served(start_hf, hf_spec), "vllm": Served(start_vllm, vllm_spec)}
+    if rate_spec is not None:
+        sides["rate"] = Served(start_matmul, rate_spec)
     try:
-        for side in sides.values():
-            side.run()  # the warm-up pass
+        for name in ("hf", "vllm"):
+            sides[name].run()  # the warm-up pass
         walls: dict[str, list[float]] = {"hf": [], "vllm": []}
+        rates: list[dict[str, float]] = []
         for i in range(pairs):
             for name in (("hf", "vllm") if i % 2 == 0 else ("vllm", "hf")):
                 wall, tokens = sides[name].run()
                 walls[name].append(wall)
+            if rate_spec is not None:
+                rates.append(sides["rate"].run())
     finally:
         for side in sides.values():
             side.close()
@@ -220,41 +233,68 @@ def paired(hf_spec: dict, vllm_spec: dict, pairs: int) -> dict:
     return {"pairs": pairs, "tokens": tokens, "hf_walls_s": walls["hf"], "vllm_walls_s": walls["vllm"],
             "ratios": ratios, "speedup": statistics.median(ratios),
             "hf_tokens_per_s": tokens / statistics.median(walls["hf"]),
-            "vllm_tokens_per_s": tokens / statistics.median(walls["vllm"])}
+            "vllm_tokens_per_s": tokens / statistics.median(walls["vllm"]), "matmul_rates": rates}
 
 
 # ------------------------------------------------------------------------- roofline
 
 
 def matmul_flops(model_path: str, dtype: str, rows: int, seconds: float = 2.0) -> dict[str, float]:
-    """FLOP/s of torch matmul in the model's dtype on this process's threads: on the model's
-    linear shapes (one layer plus lm_head) at `rows` tokens in flight, and on a 2048^3 product.
+    """FLOP/s of matrix products in the model's dtype on this process's threads: torch's matmul on
+    the model's linear shapes (one layer plus lm_head) at `rows` tokens in flight and on a 2048^3
+    product; where an engine may compute with zentorch (`rollout.cpu_gemm`), zentorch's prepacked
+    linear on the same two.
 
-    The roofline takes the larger: the best rate the machine reaches, an upper bound (small
+    The roofline takes the largest: the best rate the machine reaches, an upper bound (small
     shapes, like the tiny model's, run far below it)."""
     import torch
     from transformers import AutoConfig
+
+    from flywheel.hardware import zentorch_unavailable
 
     c = AutoConfig.from_pretrained(model_path)
     kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
     model_shapes = [(rows, c.hidden_size, c.hidden_size + 2 * kv), (rows, c.hidden_size, c.hidden_size),
                     (rows, c.hidden_size, 2 * c.intermediate_size), (rows, c.intermediate_size, c.hidden_size),
                     (rows, c.hidden_size, c.vocab_size)]
+    square = [(2048, 2048, 2048)]
     dt = getattr(torch, dtype)
 
-    def rate(shapes) -> float:
-        pairs = [(torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for m, k, n in shapes]
+    def rate(shapes, product) -> float:
+        pairs = [product(torch.randn(m, k, dtype=dt), torch.randn(n, k, dtype=dt)) for m, k, n in shapes]
         flop = sum(2 * m * k * n for m, k, n in shapes)
-        for x, w in pairs:
-            torch.matmul(x, w)
+        for run in pairs:
+            run()
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            for x, w in pairs:
-                torch.matmul(x, w)
+            for run in pairs:
+                run()
             reps += 1
         return flop * reps / (time.perf_counter() - t0)
 
-    return {"model_shapes": rate(model_shapes), "square_2048": rate([(2048, 2048, 2048)])}
+    def torch_matmul(x, w):
+        wt = w.t().contiguous()  # [K, N], a plain product
+        return lambda: torch.matmul(x, wt)
+
+    rates = {"model_shapes": rate(model_shapes, torch_matmul), "square_2048": rate(square, torch_matmul)}
+    if zentorch_unavailable() is None:
+        import zentorch  # noqa: F401  (its ops)
+
+        def zen_linear(x, w):  # as vLLM's zentorch dispatch computes a layer: weight [N, K], prepacked
+            packed = torch.ops.zentorch.zentorch_weight_prepack_for_linear(w)
+            return lambda: torch.ops.zentorch.zentorch_linear_unary(x, packed, None, is_weight_prepacked=True)
+
+        rates.update(zentorch_model_shapes=rate(model_shapes, zen_linear), zentorch_square_2048=rate(square, zen_linear))
+    return rates
+
+
+def start_matmul(spec: dict):
+    """The matrix-multiply rates (`matmul_flops`) measured in a process of their own, one measurement
+    per pass, so that the roofline can be measured in turn with the passes it is set against."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    return (lambda: matmul_flops(spec["model_path"], spec["dtype"], rows=spec["prompts"])), {}
 
 
 # ------------------------------------------------------------------------- driver
@@ -292,23 +332,27 @@ def bench_model(args, model: str, dtype: str, threads: int) -> dict:
     # nothing to repack for (benchmarks/weight_sync.py), at this generation speed.
     out["vllm_unpacked"] = measure(start_vllm, {**base, "cfg": load_cfg(args, model, [same_mode]), "prepack": False})
 
-    # The headline: both sides up at once, their passes alternating.
+    # The headline: both sides up at once, their passes alternating, the roofline measured in each pair.
     out["paired"] = paired({**base, "cfg": load_cfg(args, model)}, {**base, "cfg": load_cfg(args, model, [same_mode])},
-                           args.pairs)
-
-    rates = matmul_flops(path, dtype, rows=args.prompts)
-    flops = max(rates.values())
-    roofline = flops / (2 * params)
+                           args.pairs, rate_spec={**base, "threads": threads})
+    p = out["paired"]
+    flops = [max(r.values()) for r in p["matmul_rates"]]  # the best rate reached in each pair
+    fractions = [p["tokens"] / wall / (f / (2 * params)) for wall, f in zip(p["vllm_walls_s"], flops)]
+    by_shape = {k: max(r[k] for r in p["matmul_rates"]) for k in p["matmul_rates"][0]}
     out.update(
         vllm_mode=mode,
-        vllm_tokens_per_s=out["paired"]["vllm_tokens_per_s"],
-        hf_tokens_per_s=out["paired"]["hf_tokens_per_s"],
-        speedup=out["paired"]["speedup"],
+        vllm_tokens_per_s=p["vllm_tokens_per_s"],
+        hf_tokens_per_s=p["hf_tokens_per_s"],
+        speedup=p["speedup"],
         speedup_separate_starts=best["tokens_per_s"] / out["hf"]["tokens_per_s"],
-        matmul_gflop_per_s=flops / 1e9,
-        matmul_gflop_per_s_by_shape={k: v / 1e9 for k, v in rates.items()},
-        roofline_tokens_per_s=roofline,
-        roofline_fraction=out["paired"]["vllm_tokens_per_s"] / roofline,
+        matmul_gflop_per_s=statistics.median(flops) / 1e9,
+        matmul_gflop_per_s_each_pair=[f / 1e9 for f in flops],
+        matmul_gflop_per_s_by_shape={k: v / 1e9 for k, v in by_shape.items()},
+        matmul_best_shape=max(by_shape, key=by_shape.get),
+        roofline_tokens_per_s=statistics.median(flops) / (2 * params),
+        roofline_fractions=fractions,
+        roofline_fraction=statistics.median(fractions),
+        roofline_fraction_at_best_rate=p["vllm_tokens_per_s"] / (max(flops) / (2 * params)),
         compile_first_init_s=out["vllm_compiled_first"]["init_s"],
         compile_second_init_s=out["vllm_compiled"]["init_s"],
         eager_init_s=out["vllm_eager"]["init_s"],
@@ -325,19 +369,20 @@ def print_table(results: dict) -> None:
             ("vllm_eager", "{:.0f}"), ("vllm_compiled", "{:.0f}"), ("vllm_mode", "{}"),
             ("vllm_tokens_per_s", "{:.0f}"), ("speedup", "{:.2f}x"), ("speedup_separate_starts", "{:.2f}x"),
             ("matmul_gflop_per_s", "{:.0f}"),
-            ("roofline_tokens_per_s", "{:.0f}"), ("roofline_fraction", "{:.2f}"), ("eager_init_s", "{:.1f}"),
+            ("roofline_tokens_per_s", "{:.0f}"), ("roofline_fraction", "{:.2f}"),
+            ("roofline_fraction_at_best_rate", "{:.2f}"), ("eager_init_s", "{:.1f}"),
             ("compile_first_init_s", "{:.1f}"), ("compile_second_init_s", "{:.1f}"),
             ("prefix_caching_on", "{:.0f}"), ("prefix_caching_off", "{:.0f}"), ("prefix_caching_speedup", "{:.2f}x"),
             ("block_size", "{}"), ("vllm_block_128", "{:.0f}"), ("block_size_speedup_over_128", "{:.2f}x"),
             ("vllm_unpacked", "{:.0f}"), ("unpacked_over_prepacked", "{:.2f}x")]
     names = list(results)
-    print(f"{'':<24}" + "".join(f"{n:>14}" for n in names))
+    print(f"{'':<32}" + "".join(f"{n:>14}" for n in names))
     for key, fmt in rows:
         cells = []
         for n in names:
             v = results[n][key]
             cells.append(fmt.format(v["tokens_per_s"] if isinstance(v, dict) else v))
-        print(f"{key:<24}" + "".join(f"{c:>14}" for c in cells))
+        print(f"{key:<32}" + "".join(f"{c:>14}" for c in cells))
 
 
 def main() -> int:

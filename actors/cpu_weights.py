@@ -24,8 +24,9 @@ Here each layer is updated where it lies:
   the layer's existing `handler_tensor` and the old handler is released, so
   eager code and compiled graphs both use the new weights at their next call;
 - sgl: the packed tensor is overwritten in place; plain: the weight is copied;
-- zentorch: the weight is packed by zentorch and copied into the tensor the
-  closure holds;
+- zentorch: the weight is written in zentorch's blocked layout straight into
+  the tensor the closure holds (`actors/zen_pack.py`, checked against zentorch's
+  own packing), or, where that does not apply, packed by zentorch and copied in;
 - embeddings (whose padded vocabulary rows stay as they are), norms and biases
   are copied into their parameters; the lm_head, which also keeps a packed
   copy, is repacked from its parameter (with tied embeddings, from the
@@ -47,6 +48,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+
+from actors.zen_pack import PACKER
 
 # The environment variable that picks the loading path: "auto" (direct where it applies) or "reload".
 LOAD_ENV = "FLYWHEEL_CPU_WEIGHT_LOAD"
@@ -266,7 +269,9 @@ def _repack(module: torch.nn.Module, kind: str, weight: torch.Tensor) -> None:
         handler.handler_tensor.fill_(fresh)
         torch.ops._C.release_dnnl_matmul_handler(old)
     elif kind == "zentorch":
-        _closure_vars(module.cpu_linear)["zen_weight"].copy_(_zen_prepack(weight))
+        zen_weight = _closure_vars(module.cpu_linear)["zen_weight"]
+        if not PACKER.pack_into(zen_weight, weight):  # one pass, straight into place (actors/zen_pack.py)
+            zen_weight.copy_(_zen_prepack(weight))
     else:  # sgl
         _closure_vars(module.cpu_linear)["packed_weight"].copy_(torch.ops._C.convert_weight_packed(weight))
 

@@ -32,9 +32,11 @@ the actors, as in a run, since the learner only waits meanwhile); where that is 
 the same one-actor update loaded on one thread is the baseline (`one_load_thread`,
 `load_threads_speedup_over_one`).  `cpu_gemm` is the library the engines compute linear
 layers with (`rollout.cpu_gemm`); where it is zentorch (an AMD CPU with AVX-512), its
-packing copied into place is timed as well (`zentorch_repack_s`, which `sync_over_repack`
-then uses), and the same one-actor update into an engine on oneDNN is the baseline
-(`onednn`, `zentorch_speedup_over_onednn`).
+layout written in place as the loader does is timed as well (`zentorch_repack_s`, which
+`sync_over_repack` then uses; `zentorch_own_repack_s`: zentorch's own packing copied into
+place), and two baselines run: the same one-actor update into an engine on oneDNN (`onednn`,
+`zentorch_speedup_over_onednn`), and packed by zentorch instead of actors/zen_pack.py's kernel
+(`zentorch_packing`, `pack_kernel_speedup_over_zentorch_packing`).
 
     python benchmarks/weight_sync.py --json benchmarks/results/weight_sync.json
     python benchmarks/weight_sync.py --quick --json /tmp/weight_sync_quick.json   # tiny model, one repeat
@@ -66,13 +68,13 @@ def _engine_load_threads(worker) -> int:
 
 
 def _actor_main(kwargs: dict, rank: int, world: int, commands, results, load: str,
-                load_threads: int | None) -> None:
+                load_threads: int | None, env: dict[str, str]) -> None:
     """One rollout actor in its own process: join the group, receive updates on command."""
     try:
         from actors.cpu_weights import LOAD_ENV
         from actors.rollout import RolloutWorker
 
-        os.environ[LOAD_ENV] = load
+        os.environ.update({**env, LOAD_ENV: load})
 
         worker = RolloutWorker(**kwargs)
         _time_receive_phases(worker)
@@ -120,10 +122,11 @@ def _time_receive_phases(worker) -> None:
 
 
 def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: str, load: str = "auto",
-              load_threads: int | None = None) -> dict:
+              load_threads: int | None = None, env: dict[str, str] | None = None) -> dict:
     """Median seconds of one update into `actors` running actors over `transport`, loaded by `load`
     (actors.cpu_weights.LOAD_ENV: "auto", in place where it applies, or "reload", vLLM's reload)
-    on `load_threads` threads each (None: as `sync.load_threads` says), and their breakdown."""
+    on `load_threads` threads each (None: as `sync.load_threads` says), the actors' environment
+    extended by `env`, and their breakdown."""
     import torch
 
     from cluster.groups import rollout_worker_kwargs
@@ -138,7 +141,7 @@ def sync_into(args, cfg, model_path: str, dtype: str, actors: int, transport: st
     links = [(ctx.Queue(), ctx.Queue()) for _ in range(actors)]
     procs = [ctx.Process(target=_actor_main, daemon=True,
                          args=(rollout_worker_kwargs(cfg, model_path, dtype, k), k + 1, world, *links[k], load,
-                               load_threads or cfg.sync.load_threads))
+                               load_threads or cfg.sync.load_threads, env or {}))
              for k in range(actors)]
     for proc in procs:
         proc.start()
@@ -235,8 +238,9 @@ def repack_seconds(model, threads: int, repeats: int = 5) -> dict | None:
     Median seconds of: `repack_s`, from the weights as they arrive ([N, K], which oneDNN reads as a
     transposed [K, N]); `repack_from_kn_s`, the same packing from [K, N] copies made beforehand
     (oneDNN's other reorder, for that layout); `transpose_s`, making those copies with torch; and,
-    where zentorch can be had, `zentorch_repack_s`, its packing copied into place, as an engine on
-    zentorch (`rollout.cpu_gemm`) updates a layer."""
+    where zentorch can be had, `zentorch_repack_s`, zentorch's layout written as an engine on
+    zentorch (`rollout.cpu_gemm`) updates a layer (actors/zen_pack.py's kernel, straight into
+    place), and `zentorch_own_repack_s`, zentorch's own packing copied into place."""
     import torch
     from vllm import _custom_ops as ops
 
@@ -266,14 +270,21 @@ def repack_seconds(model, threads: int, repeats: int = 5) -> dict | None:
             import zentorch  # noqa: F401  (its ops)
 
             from actors.cpu_weights import _zen_prepack
+            from actors.zen_pack import PACKER
 
             packed = [_zen_prepack(w) for w in weights]
 
-            def zen_repack():
+            def zen_repack():  # as the loader does
+                for w, dst in zip(weights, packed):
+                    if not PACKER.pack_into(dst, w):
+                        dst.copy_(_zen_prepack(w))
+
+            def zen_own_repack():
                 for w, dst in zip(weights, packed):
                     dst.copy_(_zen_prepack(w))
 
             result["zentorch_repack_s"] = _median_s(zen_repack, repeats)
+            result["zentorch_own_repack_s"] = _median_s(zen_own_repack, repeats)
     return result
 
 
@@ -325,15 +336,17 @@ def main() -> int:
     report = {"benchmark": "weight_sync", "quick": args.quick, "model": args.model, "params": params,
               "bytes": nbytes, "dtype": dtype.dtype, "emulated_cpu": emulated, "bucket_mb": cfg.sync.bucket_mb,
               "memcpy_s": memcpy_s,
-              **{k: repack.get(k) for k in ("repack_s", "repack_from_kn_s", "transpose_s", "zentorch_repack_s")},
+              **{k: repack.get(k) for k in ("repack_s", "repack_from_kn_s", "transpose_s", "zentorch_repack_s",
+                                                "zentorch_own_repack_s")},
               "actor_threads": actor_t, "learner_threads": learner_t, "actors": {}}
     if repack_s is not None:
         print(f"the engine's own GEMM prepacking of every linear weight: {repack_s:.4f} s "
               f"({repack_s / memcpy_s:.1f}x the copy) on {actor_t} thread(s); from [K, N] copies "
               f"{repack['repack_from_kn_s']:.4f} s, but making them takes {repack['transpose_s']:.4f} s")
     if repack.get("zentorch_repack_s") is not None:
-        print(f"zentorch's packing of every linear weight, copied into place: {repack['zentorch_repack_s']:.4f} s "
-              f"({repack['zentorch_repack_s'] / memcpy_s:.1f}x the copy)")
+        print(f"zentorch's layout of every linear weight, written in place: {repack['zentorch_repack_s']:.4f} s "
+              f"({repack['zentorch_repack_s'] / memcpy_s:.1f}x the copy); zentorch's own packing copied into "
+              f"place: {repack['zentorch_own_repack_s']:.4f} s ({repack['zentorch_own_repack_s'] / memcpy_s:.1f}x)")
     print(f"{'actors':>6} {'transport':>9} {'params':>12} {'bytes':>12} {'sync_s':>8} {'memcpy_s':>9} {'ratio':>7} "
           f"{'GB/s':>6} {'thr':>3}  actor phases (s)")
     report["broadcast"] = {}
@@ -373,6 +386,12 @@ def main() -> int:
         one["zentorch_speedup_over_onednn"] = baseline(
             "onednn", "#", "the same update into an engine on oneDNN (rollout.cpu_gemm=onednn) instead of zentorch",
             run_cfg=onednn)
+    if one is not None and one["cpu_gemm"] == "zentorch" and one["load_path"] == "in place":
+        from actors.zen_pack import PACK_ENV  # the packing kernel against zentorch's own packing
+
+        one["pack_kernel_speedup_over_zentorch_packing"] = baseline(
+            "zentorch_packing", "%", f"the same update packed by zentorch and copied into place ({PACK_ENV}=zentorch) "
+            "instead of written in place by actors/zen_pack.py", env={PACK_ENV: "zentorch"})
     if one is not None and one["load_path"] == "in place":  # loading in place against vLLM's reload
         one["in_place_speedup_over_reload"] = baseline(
             "reload", "*", "the same update through vLLM's layerwise reload instead of in place "
@@ -381,7 +400,8 @@ def main() -> int:
                                                               "sync_over_memcpy", "zentorch_speedup_over_onednn",
                                                               "gb_per_s", "sync_over_repack", "shm_speedup_over_broadcast",
                                                               "in_place_speedup_over_reload", "load_threads",
-                                                              "load_threads_speedup_over_one")}
+                                                              "load_threads_speedup_over_one",
+                                                              "pack_kernel_speedup_over_zentorch_packing")}
                   if "1" in report["actors"] else {})
     report["load_average"] = {"start": load_start, "end": load_average("at the end")}
     write_result(args.json, report)
